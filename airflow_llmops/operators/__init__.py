@@ -1,0 +1,6 @@
+"""Airflow operators of airflow-llmops. Importing this package stays light: no ML or cloud SDKs."""
+
+from airflow_llmops.operators.base import LLMOpsBaseOperator
+from airflow_llmops.operators.plan import PlanRunOperator
+
+__all__ = ["LLMOpsBaseOperator", "PlanRunOperator"]

@@ -1,0 +1,55 @@
+"""Provider metadata read by Airflow's providers manager (``apache_airflow_provider`` entry point)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_llmops import __version__
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-llmops",
+        "name": "LLMOps",
+        "description": "The lifecycle of a large language model as Airflow operators: prepare and validate data, "
+        "train, quantize, evaluate, roll out with canary and automatic rollback, detect drift and retrain, on "
+        "local, SageMaker, Vertex AI and Azure ML.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "LLMOps",
+                "external-doc-url": "https://github.com/airflow-llmops/airflow-llmops",
+                "tags": ["software"],
+            }
+        ],
+        "operators": [
+            {"integration-name": "LLMOps", "python-modules": ["airflow_llmops.operators.plan"]},
+        ],
+        "sensors": [],
+        "hooks": [],
+        "triggers": [],
+        "extra-links": [],
+        "connection-types": [],
+        "config": {
+            "llmops": {
+                "description": "Defaults of the airflow-llmops provider.",
+                "options": {
+                    "artifact_root": {
+                        "description": "Where models, datasets and reports are written (a local folder or an "
+                        "s3://, gs://, abfs:// URI). Empty: $AIRFLOW_HOME/llmops/artifacts.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "s3://my-bucket/llmops",
+                        "default": "",
+                    },
+                    "artifact_conn_id": {
+                        "description": "Airflow connection used to reach artifact_root when it is remote.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "aws_default",
+                        "default": "",
+                    },
+                },
+            }
+        },
+    }

@@ -1,0 +1,44 @@
+"""Quantization spec: which methods to try, how to measure them and the quality gate."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from typing_extensions import Self
+
+from airflow_llmops.specs.base import Spec
+
+QuantMethod = Literal[
+    "torch_dynamic_int8",
+    "torchao_int8_dynamic",
+    "torchao_int8_weight_only",
+    "torchao_int4_weight_only",
+    "onnx_dynamic_int8",
+]
+
+_DEFAULT_METHODS: tuple[QuantMethod, ...] = ("torch_dynamic_int8",)
+
+
+class QuantizationSpec(Spec):
+    """Methods to apply and compare against the full-precision model on the validation split.
+
+    ``max_quality_drop`` is the tolerance of the gate, in points of the quality metric (accuracy for
+    classifiers, perplexity increase in percent for causal LMs).
+    """
+
+    methods: list[QuantMethod] = Field(default_factory=lambda: list(_DEFAULT_METHODS), min_length=1)
+    choose: Literal["all_must_pass", "fastest_within_tolerance"] = "fastest_within_tolerance"
+    max_quality_drop: float = Field(default=1.0, ge=0)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 16], min_length=1)
+    latency_repeats: int = Field(default=20, ge=1, le=10_000)
+    max_eval_rows: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Self:
+        dupes = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if dupes:
+            raise ValueError(f"methods lists {dupes} more than once")
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes must be positive, got {self.batch_sizes}")
+        return self

@@ -1,0 +1,99 @@
+"""Local reference pipeline: the LLM lifecycle on one machine, no cloud account (copy this DAG to start)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG, Param
+
+from airflow_llmops.operators import PlanRunOperator
+
+DOC = """
+### LLMOps — local reference pipeline
+
+Runs the lifecycle of a language model on the `local` platform: plan (validate the run's specs),
+then the stages as they land (prepare → validate → train → quantize → evaluate → deploy).
+
+* **Schedule**: daily; each run works on its own data interval, so a backfill re-plans exactly those days.
+* **Manual runs**: *Trigger DAG w/ config* shows typed Params (model, task, platform, rollout strategy...);
+  invalid values are refused by the form, and inconsistent combinations fail the `plan` task with the
+  field and value at fault.
+* **Artifacts**: `[llmops] artifact_root` (default `$AIRFLOW_HOME/llmops/artifacts`)`/<dag_id>/<run_id>/`.
+"""
+
+default_args = {
+    "owner": "llmops",
+    # Tasks that talk to services (object store, MLflow, endpoints) retry with back-off.
+    "retries": 2,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+with DAG(
+    dag_id="llmops_local",
+    description="LLM lifecycle on the local platform",
+    schedule="@daily",
+    start_date=datetime(2026, 11, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args,
+    tags=["llmops", "local", "reference"],
+    doc_md=DOC,
+    render_template_as_native_obj=True,
+    params={
+        "platform": Param(
+            "local",
+            type="string",
+            enum=["local", "sagemaker", "vertex", "azureml"],
+            description="where training and serving run",
+        ),
+        "task": Param(
+            "classification",
+            type="string",
+            enum=["classification", "causal_lm"],
+            description="topic classification or dialog generation",
+        ),
+        "model": Param("", type="string", description="Hugging Face id or path; empty: the task's offline default"),
+        "dataset_source": Param(
+            "chatterbot://english",
+            type="string",
+            minLength=1,
+            description="chatterbot://<language> or a file://, s3://, gs://, abfs:// URI",
+        ),
+        "max_steps": Param(60, type="integer", minimum=-1, description="-1: train for whole epochs"),
+        "learning_rate": Param(5e-5, type="number", exclusiveMinimum=0, maximum=1),
+        "rollout_strategy": Param(
+            "canary", type="string", enum=["all_at_once", "blue_green", "canary", "linear", "shadow"]
+        ),
+        "canary_steps": Param(
+            [10, 50, 100],
+            type="array",
+            items={"type": "number"},
+            description="new variant's traffic share per step, percent",
+        ),
+        "p95_latency_ms": Param(500, type="number", exclusiveMinimum=0),
+        "max_error_rate": Param(0.01, type="number", minimum=0, maximum=1),
+    },
+) as dag:
+    plan = PlanRunOperator(
+        task_id="plan",
+        platform="{{ params.platform }}",
+        retries=0,
+        dataset={
+            "name": "chatterbot-topics",
+            "source": "{{ params.dataset_source }}",
+            "task": "{{ params.task }}",
+        },
+        training={
+            "task": "{{ params.task }}",
+            "model": "{{ params.model }}",
+            "max_steps": "{{ params.max_steps }}",
+            "learning_rate": "{{ params.learning_rate }}",
+        },
+        rollout={
+            "strategy": "{{ params.rollout_strategy }}",
+            "traffic_steps": "{{ params.canary_steps if params.rollout_strategy == 'canary' else [] }}",
+            "slo": {"p95_latency_ms": "{{ params.p95_latency_ms }}", "max_error_rate": "{{ params.max_error_rate }}"},
+        },
+    )

@@ -1,0 +1,53 @@
+# Sourced by scripts/demo and scripts/test: creates .venv and installs the project from the committed lock.
+# Re-running is a no-op when pyproject.toml and the lock have not changed.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+TORCH_VERSION="2.13.0"
+STAMP="$VENV/.llmops-install-stamp"
+
+_find_python() {
+  for candidate in "${PYTHON:-}" python3.11 python3.12 python3.10 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 &&
+       "$candidate" -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] < (3, 13) else 1)' 2>/dev/null; then
+      command -v "$candidate"; return 0
+    fi
+  done
+  echo "error: Python 3.10-3.12 is required (3.11 recommended); set PYTHON=/path/to/python3.11" >&2
+  return 1
+}
+
+_want_stamp() {
+  cat "$ROOT/pyproject.toml" "$ROOT/requirements/lock.txt" | sha256sum | cut -d' ' -f1
+}
+
+llmops_bootstrap() {
+  local py want
+  want="$(_want_stamp)"
+  if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+    return 0
+  fi
+  py="$(_find_python)"
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo ">> creating $VENV with $py"
+    "$py" -m venv "$VENV"
+  fi
+  # torch first, with pip: it takes the CPU build (a local wheel, or LLMOPS_TORCH_INDEX such as
+  # https://download.pytorch.org/whl/cpu); a resolver asked for plain torch fetches a multi-GB CUDA build.
+  if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('torch').split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+    echo ">> installing torch==$TORCH_VERSION (CPU) with pip"
+    if [ -n "${LLMOPS_TORCH_INDEX:-}" ]; then
+      "$VENV/bin/pip" install --quiet "torch==$TORCH_VERSION" --index-url "$LLMOPS_TORCH_INDEX"
+    else
+      "$VENV/bin/pip" install --quiet "torch==$TORCH_VERSION"
+    fi
+  fi
+  if [ ! -x "$VENV/bin/uv" ]; then
+    "$VENV/bin/pip" install --quiet "uv>=0.5"
+  fi
+  echo ">> installing airflow-llmops[all,dev] from requirements/lock.txt with uv"
+  VIRTUAL_ENV="$VENV" "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" \
+    -c "$ROOT/requirements/lock.txt" -e "$ROOT[all,dev]"
+  echo "$want" > "$STAMP"
+}
