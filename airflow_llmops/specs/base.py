@@ -22,8 +22,9 @@ class SpecValidationError(ValueError):
 def _describe(error: Mapping[str, Any], spec_name: str) -> str:
     loc = ".".join(str(part) for part in error.get("loc", ()))
     field = f"{spec_name}.{loc}" if loc else spec_name
-    msg = str(error.get("msg", "invalid value"))
-    if "input" in error and error.get("type") != "missing":
+    msg = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    # A model-level check already names the values it compared; repeating the whole input adds noise.
+    if loc and "input" in error and error.get("type") != "missing":
         value = error["input"]
         shown = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
         if len(shown) > 120:

@@ -1,0 +1,140 @@
+"""The README's main job: the local reference pipeline end to end through a real ``airflow standalone``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from airflow_llmops.devstack.airflow_api import AirflowClient
+from airflow_llmops.devstack.env import airflow_env, generated_admin_password
+from airflow_llmops.devstack.processes import ManagedProcess, port_open, stop_process_group, tail
+
+DAG_ID = "llmops_local"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+class Demo:
+    def __init__(self, root: Path, port: int) -> None:
+        self.root = root
+        self.port = port
+        self.home = root / ".airflow"
+        self.pid_file = self.home / "standalone.pid"
+        self.log_path = self.home / "standalone.log"
+        self.env = airflow_env(self.home, root / "dags", port=port)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def running_pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def ensure_airflow(self) -> None:
+        if self.running_pid() is not None and port_open(self.port):
+            print(f">> reusing the Airflow already running at {self.url} (pid {self.running_pid()})")
+            return
+        if port_open(self.port):
+            raise SystemExit(f"port {self.port} is taken by another program; set LLMOPS_AIRFLOW_PORT to a free port")
+        self.home.mkdir(parents=True, exist_ok=True)
+        print(f">> starting airflow standalone (AIRFLOW_HOME={self.home}, log {self.log_path})")
+        airflow = str(Path(sys.executable).with_name("airflow"))
+        proc = ManagedProcess("airflow standalone", [airflow, "standalone"], self.log_path, env=self.env, cwd=self.root)
+        proc.start()
+        self.pid_file.write_text(str(proc.pid))
+        client = AirflowClient(self.url, "admin", "")
+        proc.wait_until(client.healthy, timeout=300, what="healthy api-server", interval=2)
+
+    def client(self) -> AirflowClient:
+        deadline = time.monotonic() + 60
+        password = generated_admin_password(self.home)
+        while password is None and time.monotonic() < deadline:
+            time.sleep(1)
+            password = generated_admin_password(self.home)
+        if password is None:
+            raise SystemExit(f"no admin password generated in {self.home}; see {self.log_path}")
+        return AirflowClient(self.url, "admin", password)
+
+    def run_pipeline(self, conf: dict[str, Any]) -> int:
+        client = self.client()
+        client.wait_for_dag(DAG_ID, timeout=240)
+        client.unpause(DAG_ID)
+        run_id = client.trigger(DAG_ID, conf)
+        print(f">> triggered {DAG_ID} run {run_id} through the REST API; following it")
+        seen: dict[str, str] = {}
+        deadline = time.monotonic() + float(os.environ.get("LLMOPS_DEMO_TIMEOUT", "3600"))
+        state = "queued"
+        while time.monotonic() < deadline:
+            for ti in client.task_instances(DAG_ID, run_id):
+                task_state = str(ti.get("state"))
+                if seen.get(ti["task_id"]) != task_state:
+                    seen[ti["task_id"]] = task_state
+                    print(f"   {ti['task_id']:<24} {task_state}")
+            state = str(client.get_run(DAG_ID, run_id)["state"])
+            if state in ("success", "failed"):
+                break
+            time.sleep(2)
+        print(f">> run {run_id}: {state}")
+        if state == "success":
+            self.print_outputs(client, run_id)
+        else:
+            print(f"   see the task logs in the UI: {self.url}/dags/{DAG_ID}/runs")
+        self.print_access()
+        return 0 if state == "success" else 1
+
+    def print_outputs(self, client: AirflowClient, run_id: str) -> None:
+        plan = client.xcom(DAG_ID, run_id, "plan")
+        print("\nWhat the run produced:")
+        if isinstance(plan, dict):
+            print(f"   run plan (validated specs)  {plan.get('plan_uri')}")
+            print(f"   data interval               {json.dumps(plan.get('data_interval'))}")
+
+    def print_access(self) -> None:
+        password = generated_admin_password(self.home)
+        print(
+            f"\nAirflow UI       {self.url}  (login admin / {password})\n"
+            f"                 password file: {self.home / 'simple_auth_manager_passwords.json.generated'}\n"
+            f"Airflow log      {self.log_path}\n"
+            f"Stop everything  ./scripts/demo stop"
+        )
+
+    def stop(self) -> int:
+        pid = self.running_pid()
+        if pid is None:
+            print("nothing to stop: no airflow standalone started by the demo is running")
+            return 0
+        stop_process_group(pid)
+        self.pid_file.unlink(missing_ok=True)
+        print(f"stopped airflow standalone (pid {pid})")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="airflow-llmops demo", description=__doc__)
+    parser.add_argument("action", nargs="?", default="run", choices=["run", "stop"])
+    parser.add_argument("--root", type=Path, default=Path.cwd(), help="project folder holding dags/")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("LLMOPS_AIRFLOW_PORT", "8080")))
+    parser.add_argument("--conf", default="{}", help="JSON conf (Params) for the triggered run")
+    args = parser.parse_args(argv)
+    demo = Demo(args.root.resolve(), args.port)
+    if args.action == "stop":
+        return demo.stop()
+    try:
+        demo.ensure_airflow()
+    except (RuntimeError, TimeoutError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        print(tail(demo.log_path), file=sys.stderr)
+        return 1
+    return demo.run_pipeline(json.loads(args.conf))

@@ -1,0 +1,44 @@
+# syntax=docker/dockerfile:1
+#
+# Runtime image for cloud training and serving jobs: SageMaker, Vertex AI and Azure ML custom containers.
+# It holds the ML core and the model server (airflow-llmops[local,mlflow,serving]) installed from the same
+# lock as scripts/bootstrap.sh; docker/runtime-entrypoint.sh dispatches `train` and `serve`.
+# Build from the repository root:
+#
+#   docker build -f docker/runtime.Dockerfile -t airflow-llmops-runtime:dev .
+#   # GPU variant: the CUDA line of the lock's nvidia-* pins (PyPI torch 2.13.0 is built on CUDA 13.0)
+#   docker build -f docker/runtime.Dockerfile --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu130 \
+#       -t airflow-llmops-runtime:dev-cu130 .
+FROM python:3.11-slim
+
+# Must equal TORCH_VERSION in scripts/bootstrap.sh (checked by tests/unit/test_docker.py).
+ARG TORCH_VERSION=2.13.0
+# Default: the CPU build. Installed with pip before everything else, so the resolver keeps it.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+WORKDIR /opt/airflow-llmops
+COPY pyproject.toml README.md ./
+COPY requirements/ requirements/
+
+RUN python -m venv "$VIRTUAL_ENV" \
+ && pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}" \
+ && pip install --no-cache-dir "uv>=0.5"
+
+COPY airflow_llmops/ airflow_llmops/
+
+RUN --mount=type=cache,target=/root/.cache/uv \
+    UV_LINK_MODE=copy uv pip install -c requirements/lock.txt ".[local,mlflow,serving]" \
+ && python -c "import airflow_llmops, torch; print('airflow-llmops', airflow_llmops.__version__, 'torch', torch.__version__)"
+
+COPY --chmod=0755 docker/runtime-entrypoint.sh /usr/local/bin/runtime-entrypoint.sh
+
+# Runs as root: SageMaker mounts /opt/ml (model, input, output, checkpoints) owned by root and
+# expects the container to write there. SageMaker serving and Vertex AI default to port 8080.
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/runtime-entrypoint.sh"]
