@@ -7,6 +7,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 TERMINAL_RUN_STATES = ("success", "failed")
@@ -93,9 +94,20 @@ class AirflowClient:
         path = f"/api/v2/dags/{urllib.parse.quote(dag_id)}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
         return dict(self._request("GET", path))
 
-    def wait_for_run(self, dag_id: str, run_id: str, *, timeout: float = 600.0, poll: float = 2.0) -> str:
+    def wait_for_run(
+        self,
+        dag_id: str,
+        run_id: str,
+        *,
+        timeout: float = 600.0,
+        poll: float = 2.0,
+        check: Callable[[], None] | None = None,
+    ) -> str:
+        """Poll until the run ends; ``check`` runs each round and may raise (e.g. a component died)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if check is not None:
+                check()
             state = str(self.get_run(dag_id, run_id)["state"])
             if state in TERMINAL_RUN_STATES:
                 return state

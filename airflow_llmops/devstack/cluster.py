@@ -1,0 +1,103 @@
+"""Airflow's components as separate real processes (api-server, scheduler, dag-processor, triggerer, workers).
+
+Used by system tests to run DAGs the way a deployment does, including production mode: PostgreSQL metadata
+database and the CeleryExecutor with a Redis broker.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from airflow_llmops.devstack.airflow_api import AirflowClient
+from airflow_llmops.devstack.env import airflow_env
+from airflow_llmops.devstack.processes import ManagedProcess, free_port
+
+DEFAULT_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+class AirflowCluster:
+    """Start with ``with AirflowCluster(home, dags) as cluster: cluster.client.trigger(...)``.
+
+    :param extra_env: overrides such as the database URL and the executor.
+    :param components: Airflow sub-commands to run; ``celery worker`` adds a Celery worker.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        dags_folder: Path,
+        *,
+        extra_env: dict[str, str] | None = None,
+        components: Sequence[str] = DEFAULT_COMPONENTS,
+        startup_timeout: float = 240.0,
+    ) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.password = secrets.token_urlsafe(16)
+        self.env = airflow_env(home, dags_folder, port=self.port)
+        self.env.update(
+            {
+                "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            }
+        )
+        self.env.update(extra_env or {})
+        self.components = list(components)
+        self.startup_timeout = startup_timeout
+        self.processes: list[ManagedProcess] = []
+        self.client = AirflowClient(self.url, "admin", self.password)
+
+    @property
+    def airflow(self) -> str:
+        return str(Path(sys.executable).with_name("airflow"))
+
+    def log(self, component: str) -> Path:
+        return self.home / "logs" / f"{component.replace(' ', '-')}.log"
+
+    def start(self) -> AirflowCluster:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "passwords.json").write_text(json.dumps({"admin": self.password}))
+        migrate = subprocess.run(
+            [self.airflow, "db", "migrate"], env=self.env, capture_output=True, text=True, timeout=300
+        )
+        if migrate.returncode != 0:
+            raise RuntimeError(f"airflow db migrate failed:\n{migrate.stdout[-3000:]}\n{migrate.stderr[-3000:]}")
+        for component in self.components:
+            argv = [self.airflow, *component.split()]
+            if component in ("scheduler", "triggerer", "celery worker"):
+                argv.append("--skip-serve-logs")
+            proc = ManagedProcess(component, argv, self.log(component), env=self.env, cwd=self.home)
+            self.processes.append(proc.start())
+        api = next(p for p in self.processes if p.name == "api-server")
+        api.wait_until(self.client.healthy, timeout=self.startup_timeout, what="healthy api-server", interval=2)
+        return self
+
+    def assert_alive(self) -> None:
+        dead = [p.name for p in self.processes if not p.alive()]
+        if dead:
+            raise RuntimeError(f"Airflow components exited: {dead}; logs in {self.home / 'logs'}")
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+
+    def __enter__(self) -> AirflowCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

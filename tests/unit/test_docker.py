@@ -1,0 +1,403 @@
+"""Static checks of the container files in docker/: they must agree with the lock and the bootstrap script.
+
+No Docker engine is needed: the files are parsed, and the runtime entry point runs against stub commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+AIRFLOW_DOCKERFILE = DOCKER / "airflow.Dockerfile"
+RUNTIME_DOCKERFILE = DOCKER / "runtime.Dockerfile"
+DOCKERFILES = [AIRFLOW_DOCKERFILE, RUNTIME_DOCKERFILE]
+ENTRYPOINT = DOCKER / "runtime-entrypoint.sh"
+POSTGRES_INIT = DOCKER / "postgres-init.sql"
+BOOTSTRAP = ROOT / "scripts" / "bootstrap.sh"
+LOCK = ROOT / "requirements" / "lock.txt"
+LOCK_REL = LOCK.relative_to(ROOT).as_posix()
+
+AIRFLOW_SERVICES = {
+    "airflow-init",
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "airflow-worker",
+}
+EXPECTED_SERVICES = AIRFLOW_SERVICES | {"postgres", "redis", "minio", "createbuckets", "mlflow"}
+ONE_SHOT_SERVICES = {"airflow-init", "createbuckets"}
+AIRFLOW_COMMANDS = {
+    "airflow-init": ["airflow", "db", "migrate"],
+    "airflow-apiserver": ["airflow", "api-server"],
+    "airflow-scheduler": ["airflow", "scheduler"],
+    "airflow-dag-processor": ["airflow", "dag-processor"],
+    "airflow-triggerer": ["airflow", "triggerer"],
+    "airflow-worker": ["airflow", "celery", "worker"],
+}
+
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?[-?]([^}]*))?\}")
+
+
+def _with_defaults(value: str) -> str:
+    """Compose interpolation with an empty environment: ${VAR:-default} -> default, $$ -> $."""
+    return _INTERPOLATION.sub(lambda m: m.group(2) or "", value).replace("$$", "$")
+
+
+def _command_tokens(command: str | list[str]) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+# ---------------------------------------------------------------- helpers: Dockerfiles, lock, bootstrap
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with comments dropped and line continuations joined."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = pending + line
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+    assert not pending, f"{path.name} ends inside a line continuation"
+    return instructions
+
+
+def _args(path: Path, keyword: str) -> list[str]:
+    return [args for kw, args in _instructions(path) if kw == keyword]
+
+
+def _bootstrap_text() -> str:
+    return BOOTSTRAP.read_text()
+
+
+def _bootstrap_torch_version() -> str:
+    match = re.search(r'^TORCH_VERSION="([^"]+)"', _bootstrap_text(), re.MULTILINE)
+    assert match, "scripts/bootstrap.sh defines no TORCH_VERSION"
+    return match.group(1)
+
+
+def _lock_pin(name: str) -> str:
+    match = re.search(rf"^{re.escape(name)}==(\S+)", LOCK.read_text(), re.MULTILINE)
+    assert match, f"{name} is not pinned in {LOCK_REL}"
+    return match.group(1)
+
+
+def _lock_python_version() -> str:
+    match = re.search(r"--python-version\s+(\d+\.\d+)", LOCK.read_text())
+    assert match, f"{LOCK_REL} does not say which Python it was compiled for"
+    return match.group(1)
+
+
+def _constraint_files(text: str) -> list[str]:
+    """Paths passed to -c/--constraint, relative to the repository root ($ROOT/ and quotes dropped)."""
+    found = re.findall(r"(?:^|\s)(?:-c|--constraint)[\s=]+\"?(?:\$ROOT/|\$\{ROOT\}/)?([^\s\"]+\.txt)\b", text)
+    return [path.removeprefix("./") for path in found]
+
+
+# ---------------------------------------------------------------- helpers: compose
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict) -> dict[str, dict]:
+    return compose["services"]
+
+
+def _depends_on(service: dict) -> dict[str, str]:
+    """depends_on as {name: condition}, for both the list and the mapping forms."""
+    deps = service.get("depends_on") or {}
+    if isinstance(deps, list):
+        return dict.fromkeys(deps, "service_started")
+    return {name: (spec or {}).get("condition", "service_started") for name, spec in deps.items()}
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {key: "" if value is None else str(value) for key, value in env.items()}
+
+
+def _created_buckets(services: dict[str, dict]) -> set[str]:
+    """Buckets the one-shot createbuckets service makes (`mc mb [--flags] ALIAS/BUCKET`)."""
+    script = _with_defaults(str(services["createbuckets"]["command"]))
+    return set(re.findall(r"mc mb (?:--\S+ )*\S+/([\w.-]+)", script))
+
+
+def _built_dockerfile(service: dict) -> Path | None:
+    build = service.get("build")
+    if build is None:
+        return None
+    if isinstance(build, str):
+        build = {"context": build}
+    context = (COMPOSE.parent / build.get("context", ".")).resolve()
+    return (context / build.get("dockerfile", "Dockerfile")).resolve()
+
+
+# ---------------------------------------------------------------- (a) compose.yaml
+
+
+def test_compose_has_the_whole_stack(compose: dict, services: dict[str, dict]) -> None:
+    assert set(services) >= EXPECTED_SERVICES, f"missing: {sorted(EXPECTED_SERVICES - set(services))}"
+    assert "x-airflow-common" in compose
+
+
+def test_airflow_services_are_built_from_the_airflow_dockerfile(services: dict[str, dict]) -> None:
+    for name in sorted(AIRFLOW_SERVICES | {"mlflow"}):
+        assert _built_dockerfile(services[name]) == AIRFLOW_DOCKERFILE.resolve(), name
+    # One image for all of them: built once, tagged once.
+    assert len({services[name].get("image") for name in AIRFLOW_SERVICES | {"mlflow"}}) == 1
+
+
+def test_airflow_services_run_airflow_3_commands(services: dict[str, dict]) -> None:
+    for name, expected in AIRFLOW_COMMANDS.items():
+        tokens = _command_tokens(services[name]["command"])
+        if tokens[0] != "airflow":  # the image's entrypoint also takes the command without "airflow"
+            tokens = ["airflow", *tokens]
+        assert tokens == expected, name
+
+
+def test_depends_on_names_existing_services_with_usable_conditions(services: dict[str, dict]) -> None:
+    for name, service in services.items():
+        for dep, condition in _depends_on(service).items():
+            assert dep in services, f"{name} depends on unknown service {dep!r}"
+            assert dep != name
+            if condition == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy; it has no healthcheck"
+            if condition == "service_completed_successfully":
+                assert dep in ONE_SHOT_SERVICES, f"{name} waits for long-running {dep} to exit"
+
+
+def test_long_running_services_have_healthchecks(services: dict[str, dict]) -> None:
+    for name in sorted(set(services) - ONE_SHOT_SERVICES):
+        test = services[name].get("healthcheck", {}).get("test")
+        assert test, f"{name} has no healthcheck"
+
+
+def test_airflow_services_share_one_configuration(compose: dict, services: dict[str, dict]) -> None:
+    common = _env(compose["x-airflow-common"])
+    for name in sorted(AIRFLOW_SERVICES):
+        env = _env(services[name])
+        assert {key: env.get(key) for key in common} == common, name
+    assert common["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert common["AIRFLOW__API_AUTH__JWT_SECRET"]
+    assert _with_defaults(common["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]).startswith("postgresql")
+    assert _with_defaults(common["AIRFLOW__CELERY__RESULT_BACKEND"]).startswith("db+postgresql")
+    assert urlsplit(_with_defaults(common["AIRFLOW__CELERY__BROKER_URL"])).hostname == "redis"
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__RESULT_BACKEND"):
+        assert urlsplit(_with_defaults(common[key]).removeprefix("db+")).hostname == "postgres", key
+
+
+def test_execution_api_url_points_at_the_api_server(compose: dict, services: dict[str, dict]) -> None:
+    url = urlsplit(_env(compose["x-airflow-common"])["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"])
+    assert url.hostname == "airflow-apiserver"
+    assert url.path.rstrip("/") == "/execution"
+    published = [str(port).rsplit(":", 1)[-1] for port in services["airflow-apiserver"]["ports"]]
+    assert str(url.port) in published
+
+
+def test_artifacts_go_to_minio_through_the_connection(compose: dict, services: dict[str, dict]) -> None:
+    env = _env(compose["x-airflow-common"])
+    assert env["AIRFLOW__LLMOPS__ARTIFACT_ROOT"] == "s3://llmops/artifacts"
+    assert env["AIRFLOW__LLMOPS__ARTIFACT_CONN_ID"] == "minio_s3"
+    conn = json.loads(_with_defaults(env["AIRFLOW_CONN_MINIO_S3"]))
+    assert conn["conn_type"] == "aws"
+    assert conn["login"]
+    assert conn["password"]
+    endpoint = urlsplit(conn["extra"]["endpoint_url"])
+    assert endpoint.hostname == "minio"
+    assert endpoint.port == 9000
+    # The bucket of the artifact root exists: createbuckets makes it.
+    assert urlsplit(env["AIRFLOW__LLMOPS__ARTIFACT_ROOT"]).hostname in _created_buckets(services)
+
+
+def test_mlflow_uses_postgres_and_minio(compose: dict, services: dict[str, dict]) -> None:
+    mlflow = services["mlflow"]
+    tokens = _command_tokens(mlflow.get("entrypoint", [])) + _command_tokens(mlflow["command"])
+    options = dict(_with_defaults(token).split("=", 1) for token in tokens if token.startswith("--") and "=" in token)
+    backend = urlsplit(options["--backend-store-uri"])
+    assert backend.scheme.startswith("postgresql")
+    assert backend.hostname == "postgres"
+    created_databases = re.findall(r"CREATE DATABASE (\w+)", POSTGRES_INIT.read_text())
+    assert backend.path.lstrip("/") in created_databases
+    artifacts = urlsplit(options["--artifacts-destination"])
+    assert artifacts.scheme == "s3"
+    assert artifacts.hostname in _created_buckets(services)
+    assert urlsplit(_env(mlflow)["MLFLOW_S3_ENDPOINT_URL"]).hostname == "minio"
+    assert urlsplit(_env(compose["x-airflow-common"])["MLFLOW_TRACKING_URI"]).hostname == "mlflow"
+
+
+def test_postgres_runs_the_init_script(services: dict[str, dict]) -> None:
+    volumes = [str(volume) for volume in services["postgres"]["volumes"]]
+    mounts = [v for v in volumes if v.split(":")[1].startswith("/docker-entrypoint-initdb.d/")]
+    assert mounts, "postgres-init.sql is not mounted into /docker-entrypoint-initdb.d/"
+    assert (COMPOSE.parent / mounts[0].split(":")[0]).resolve() == POSTGRES_INIT.resolve()
+
+
+def test_credentials_are_placeholders_from_the_environment(services: dict[str, dict]) -> None:
+    for name, service in services.items():
+        for key, value in _env(service).items():
+            if re.search(r"PASSWORD|SECRET", key) and not key.endswith("_FILE"):
+                assert value.startswith("${"), f"{name}: {key} is hard-coded; read it from the environment"
+
+
+# ---------------------------------------------------------------- (b) Dockerfiles
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_installs_from_the_bootstrap_lock(dockerfile: Path) -> None:
+    assert LOCK.is_file()
+    assert _constraint_files(_bootstrap_text()) == [LOCK_REL], "bootstrap.sh installs with another lock"
+    runs = " ".join(_args(dockerfile, "RUN"))
+    assert f"-c {LOCK_REL}" in runs
+    assert _constraint_files(runs) == [LOCK_REL]
+    assert "uv pip install" in runs
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "extras"),
+    [(AIRFLOW_DOCKERFILE, ".[all]"), (RUNTIME_DOCKERFILE, ".[local,mlflow,serving]")],
+    ids=["airflow", "runtime"],
+)
+def test_dockerfile_installs_the_project_with_its_extras(dockerfile: Path, extras: str) -> None:
+    uv_runs = [run for run in _args(dockerfile, "RUN") if "uv pip install" in run]
+    assert any(extras in shlex.split(run) for run in uv_runs)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_installs_bootstrap_torch_first(dockerfile: Path) -> None:
+    version = _bootstrap_torch_version()
+    assert _lock_pin("torch") == version
+    assert f"TORCH_VERSION={version}" in _args(dockerfile, "ARG")
+    runs = _args(dockerfile, "RUN")
+    torch_at = next(i for i, run in enumerate(runs) if 'pip install --no-cache-dir "torch==${TORCH_VERSION}"' in run)
+    uv_at = next(i for i, run in enumerate(runs) if "uv pip install" in run)
+    assert torch_at < uv_at, "torch must be installed (CPU build, with pip) before the uv install"
+    assert "--index-url" in runs[torch_at]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_copies_only_existing_paths_inside_the_build_context(dockerfile: Path) -> None:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    ignore = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    assert ignore[0] == "*", ".dockerignore should start from nothing (the context holds a multi-GB .venv)"
+    for args in _args(dockerfile, "COPY"):
+        tokens = [token for token in shlex.split(args) if not token.startswith("--")]
+        for source in tokens[:-1]:
+            assert (ROOT / source).exists(), f"{dockerfile.name} copies missing {source}"
+            assert f"!{source.rstrip('/')}" in ignore or f"!{source}" in ignore, f".dockerignore drops {source}"
+
+
+def test_airflow_image_matches_the_lock() -> None:
+    (base,) = _args(AIRFLOW_DOCKERFILE, "FROM")
+    match = re.fullmatch(r"apache/airflow:(\d+)\.(\d+)\.\d+-python(\d+\.\d+)", base)
+    assert match, f"unexpected base image {base}"
+    lock_major, lock_minor = _lock_pin("apache-airflow").split(".")[:2]
+    assert (match.group(1), match.group(2)) == (lock_major, lock_minor)
+    assert match.group(3) == _lock_python_version()
+
+
+def test_airflow_image_installs_as_the_airflow_user() -> None:
+    user = "root"
+    for keyword, args in _instructions(AIRFLOW_DOCKERFILE):
+        if keyword == "USER":
+            user = args
+        if keyword == "RUN" and "install" in args:
+            assert user == "airflow", f"installs as {user}: {args[:60]}"
+    assert user == "airflow"
+    assert any(dest.split()[-1].rstrip("/") == "/opt/airflow/dags" for dest in _args(AIRFLOW_DOCKERFILE, "COPY"))
+
+
+def test_runtime_image_matches_the_lock_and_uses_the_entrypoint() -> None:
+    (base,) = _args(RUNTIME_DOCKERFILE, "FROM")
+    assert base == f"python:{_lock_python_version()}-slim"
+    assert any(arg.startswith("TORCH_INDEX=") for arg in _args(RUNTIME_DOCKERFILE, "ARG"))
+    (entrypoint,) = _args(RUNTIME_DOCKERFILE, "ENTRYPOINT")
+    (target,) = json.loads(entrypoint)
+    copies = [shlex.split(args) for args in _args(RUNTIME_DOCKERFILE, "COPY")]
+    assert any(tokens[-2:] == ["docker/runtime-entrypoint.sh", target] for tokens in copies)
+
+
+# ---------------------------------------------------------------- (c) runtime-entrypoint.sh
+
+
+def test_entrypoint_is_executable_and_valid_bash() -> None:
+    assert os.access(ENTRYPOINT, os.X_OK)
+    staged = subprocess.run(
+        ["git", "ls-files", "--stage", "--", ENTRYPOINT.relative_to(ROOT).as_posix()],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    if staged:  # tracked: the mode git records is what a fresh checkout gets
+        assert staged[0] == "100755"
+    bash = shutil.which("bash")
+    assert bash
+    subprocess.run([bash, "-n", str(ENTRYPOINT)], check=True)
+
+
+@pytest.fixture
+def stub_path(tmp_path: Path) -> str:
+    """A PATH whose python and airflow-llmops print how they were called."""
+    for name in ("python", "airflow-llmops"):
+        stub = tmp_path / name
+        stub.write_text(f'#!/bin/sh\necho {name} "$@"\n')
+        stub.chmod(0o755)
+    return f"{tmp_path}{os.pathsep}{os.environ['PATH']}"
+
+
+def _dispatch(stub_path: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k not in {"AIP_HTTP_PORT", "LLMOPS_SERVE_PORT"}}
+    return subprocess.run(
+        ["bash", str(ENTRYPOINT), *args],
+        env={**environ, "PATH": stub_path, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_entrypoint_dispatches_train(stub_path: str) -> None:
+    result = _dispatch(stub_path, "train", "--max-steps", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["python", "-m", "airflow_llmops.ml.train", "--max-steps", "1"]
+
+
+def test_entrypoint_serves_on_8080_or_the_vertex_port(stub_path: str) -> None:
+    default = _dispatch(stub_path, "serve", "--model", "m")
+    assert default.returncode == 0, default.stderr
+    assert default.stdout.split() == ["airflow-llmops", "serve", "--host", "0.0.0.0", "--port", "8080", "--model", "m"]
+    vertex = _dispatch(stub_path, "serve", AIP_HTTP_PORT="7080")
+    assert vertex.stdout.split()[-2:] == ["--port", "7080"]
+
+
+def test_entrypoint_runs_other_commands_and_refuses_none(stub_path: str) -> None:
+    assert _dispatch(stub_path, "echo", "hello").stdout.strip() == "hello"
+    assert _dispatch(stub_path).returncode != 0
