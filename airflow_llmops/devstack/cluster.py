@@ -67,7 +67,7 @@ class AirflowCluster:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "passwords.json").write_text(json.dumps({"admin": self.password}))
         migrate = subprocess.run(
-            [self.airflow, "db", "migrate"], env=self.env, capture_output=True, text=True, timeout=300
+            [self.airflow, "db", "migrate"], check=False, env=self.env, capture_output=True, text=True, timeout=300
         )
         if migrate.returncode != 0:
             raise RuntimeError(f"airflow db migrate failed:\n{migrate.stdout[-3000:]}\n{migrate.stderr[-3000:]}")
