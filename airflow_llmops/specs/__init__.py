@@ -6,6 +6,7 @@ from airflow_llmops.specs.drift import DriftPolicy
 from airflow_llmops.specs.quantization import QuantizationSpec
 from airflow_llmops.specs.rollout import SLO, RolloutPlan
 from airflow_llmops.specs.training import DistributedSpec, LoraSpec, TrainingSpec
+from airflow_llmops.specs.validation import ValidationSpec
 
 __all__ = [
     "SLO",
@@ -19,4 +20,5 @@ __all__ = [
     "SpecValidationError",
     "SplitSpec",
     "TrainingSpec",
+    "ValidationSpec",
 ]

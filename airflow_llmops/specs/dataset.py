@@ -55,6 +55,9 @@ class DatasetSpec(Spec):
     )
     min_rows_per_label: int = Field(default=5, ge=1)
     max_tokens: int = Field(default=512, ge=1)
+    max_record_bytes: int = Field(
+        default=1_000_000, ge=1, description="records larger than this are quarantined, not tokenized"
+    )
 
     @field_validator("source")
     @classmethod

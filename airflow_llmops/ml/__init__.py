@@ -1,0 +1,1 @@
+"""The ML core: data, training, quantization, evaluation and drift. It never imports Airflow."""
