@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlparse
@@ -63,6 +64,6 @@ def load_chatterbot(uri: str, kind: Literal["classification", "dialog"] = "class
             if kind == "classification":
                 rows.extend({"text": turn, "label": topic} for turn in conv)
             else:
-                rows.extend({"prompt": a, "response": b, "label": topic} for a, b in zip(conv, conv[1:], strict=False))
+                rows.extend({"prompt": a, "response": b, "label": topic} for a, b in itertools.pairwise(conv))
     columns = ["text", "label"] if kind == "classification" else ["prompt", "response", "label"]
     return pd.DataFrame(rows, columns=columns)

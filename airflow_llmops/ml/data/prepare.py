@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import unicodedata
 from collections.abc import Callable
@@ -29,7 +30,7 @@ _NUM_PERM = 128
 
 def normalise_text(value: object) -> str:
     """NFKC (folds width and compatibility forms), unify line breaks, collapse runs of whitespace."""
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     text = unicodedata.normalize("NFKC", str(value)).replace("\r\n", "\n").replace("\r", "\n")
     return _WS.sub(" ", text).strip()

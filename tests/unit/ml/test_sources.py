@@ -35,7 +35,7 @@ def test_reads_each_format_and_folders(tmp_path):
 
 
 def test_missing_path_and_empty_inputs_fail_clearly(tmp_path):
-    with pytest.raises(DatasetError, match="no file or folder at .*nope.jsonl"):
+    with pytest.raises(DatasetError, match=r"no file or folder at .*nope\.jsonl"):
         read_table(tmp_path / "nope.jsonl", "jsonl")
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DatasetError, match="holds no records"):
@@ -89,5 +89,5 @@ def test_truncated_parquet_fails_clearly(tmp_path):
     pd.DataFrame({"text": ["a"] * 100, "label": ["x"] * 100}).to_parquet(good)
     data = good.read_bytes()
     (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
-    with pytest.raises(DatasetError, match="not a readable Parquet file .* truncated"):
+    with pytest.raises(DatasetError, match=r"not a readable Parquet file .* truncated"):
         read_table(tmp_path / "cut.parquet", "parquet")
