@@ -23,12 +23,18 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "operators": [
-            {"integration-name": "LLMOps", "python-modules": ["airflow_llmops.operators.plan"]},
+            {
+                "integration-name": "LLMOps",
+                "python-modules": ["airflow_llmops.operators.plan", "airflow_llmops.operators.data"],
+            },
         ],
         "sensors": [],
         "hooks": [],
         "triggers": [],
-        "extra-links": [],
+        "extra-links": [
+            "airflow_llmops.links.artifacts.DatasetLink",
+            "airflow_llmops.links.artifacts.ValidationReportLink",
+        ],
         "connection-types": [],
         "config": {
             "llmops": {

@@ -6,13 +6,27 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
 
-from airflow_llmops.operators import PlanRunOperator
+from airflow_llmops.operators import PlanRunOperator, PrepareDatasetOperator, ValidateDatasetOperator
+from airflow_llmops.operators.data import dataset_asset
+
+DATASET = "chatterbot-topics"
+# Topics of the English corpus with enough distinct utterances to train and evaluate a classifier.
+TOPICS = ",".join(
+    (
+        *("ai", "botprofile", "coding", "computers", "emotion", "food", "greetings", "humor", "literature"),
+        *("money", "movies", "politics", "psychology", "science", "sports", "trivia"),
+    )
+)
 
 DOC = """
 ### LLMOps — local reference pipeline
 
-Runs the lifecycle of a language model on the `local` platform: plan (validate the run's specs),
-then the stages as they land (prepare → validate → train → quantize → evaluate → deploy).
+Runs the lifecycle of a language model on the `local` platform: `plan` validates the run's specs,
+`prepare` normalises, deduplicates (exact and MinHash near-duplicates) and splits the data by a stable hash,
+`validate` gates it with Great Expectations (schema, token lengths, labels, duplicates, invalid characters,
+personal data) and quarantines failing rows; then the later stages (train → quantize → evaluate → deploy).
+
+The prepared dataset is published as the Asset `llmops://datasets/chatterbot-topics`.
 
 * **Schedule**: daily; each run works on its own data interval, so a backfill re-plans exactly those days.
 * **Manual runs**: *Trigger DAG w/ config* shows typed Params (model, task, platform, rollout strategy...);
@@ -56,7 +70,7 @@ with DAG(
         ),
         "model": Param("", type="string", description="Hugging Face id or path; empty: the task's offline default"),
         "dataset_source": Param(
-            "chatterbot://english",
+            f"chatterbot://english?topics={TOPICS}",
             type="string",
             minLength=1,
             description="chatterbot://<language> or a file://, s3://, gs://, abfs:// URI",
@@ -73,6 +87,9 @@ with DAG(
             description="new variant's traffic share per step, percent",
         ),
         "p95_latency_ms": Param(500, type="number", exclusiveMinimum=0),
+        "pii_action": Param(
+            "redact", type="string", enum=["fail", "redact"], description="personal data found: stop, or redact"
+        ),
         "max_error_rate": Param(0.01, type="number", minimum=0, maximum=1),
     },
 ) as dag:
@@ -81,7 +98,7 @@ with DAG(
         platform="{{ params.platform }}",
         retries=0,
         dataset={
-            "name": "chatterbot-topics",
+            "name": DATASET,
             "source": "{{ params.dataset_source }}",
             "task": "{{ params.task }}",
         },
@@ -97,3 +114,16 @@ with DAG(
             "slo": {"p95_latency_ms": "{{ params.p95_latency_ms }}", "max_error_rate": "{{ params.max_error_rate }}"},
         },
     )
+
+    prepare = PrepareDatasetOperator(
+        task_id="prepare",
+        dataset="{{ ti.xcom_pull(task_ids='plan')['specs']['dataset'] }}",
+        tokenizer="{{ params.model or 'all-MiniLM-L6-v2' }}",
+        outlets=[dataset_asset(DATASET)],
+    )
+    validate = ValidateDatasetOperator(
+        task_id="validate",
+        dataset_uri="{{ ti.xcom_pull(task_ids='prepare')['dataset_uri'] }}",
+        validation={"max_tokens": 128, "pii_action": "{{ params.pii_action }}", "max_quarantine_fraction": 0.02},
+    )
+    plan >> prepare >> validate

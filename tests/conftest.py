@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -18,6 +19,14 @@ _HOME = Path(tempfile.mkdtemp(prefix="llmops-airflow-home-"))
 
 os.environ["AIRFLOW_HOME"] = str(_HOME)
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS)
+# dag.test() only runs DAGs found in a configured bundle: the reference DAGs, and the tests' own DAG files.
+TEST_DAGS = ROOT / "tests" / "dags"
+os.environ["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps(
+    [
+        {"name": name, "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle", "kwargs": {"path": str(p)}}
+        for name, p in (("dags-folder", DAGS), ("test-dags", TEST_DAGS))
+    ]
+)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__LLMOPS__ARTIFACT_ROOT"] = str(_HOME / "artifacts")
 os.environ["HF_HUB_OFFLINE"] = "1"

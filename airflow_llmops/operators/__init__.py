@@ -1,6 +1,7 @@
 """Airflow operators of airflow-llmops. Importing this package stays light: no ML or cloud SDKs."""
 
 from airflow_llmops.operators.base import LLMOpsBaseOperator
+from airflow_llmops.operators.data import PrepareDatasetOperator, ValidateDatasetOperator
 from airflow_llmops.operators.plan import PlanRunOperator
 
-__all__ = ["LLMOpsBaseOperator", "PlanRunOperator"]
+__all__ = ["LLMOpsBaseOperator", "PlanRunOperator", "PrepareDatasetOperator", "ValidateDatasetOperator"]

@@ -32,7 +32,9 @@ def as_storage_path(uri: str, conn_id: str | None = None) -> ObjectStoragePath:
     """An Airflow ObjectStoragePath for a URI or a plain absolute path."""
     if "://" not in uri:
         uri = f"file://{os.path.abspath(uri)}"
-    return ObjectStoragePath(uri, conn_id=conn_id) if conn_id else ObjectStoragePath(uri)
+    if conn_id and not uri.startswith("file://"):
+        return ObjectStoragePath(uri, conn_id=conn_id)
+    return ObjectStoragePath(uri)
 
 
 class LLMOpsBaseOperator(BaseOperator):

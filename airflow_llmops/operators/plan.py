@@ -18,6 +18,7 @@ from airflow_llmops.specs import (
     SpecValidationError,
     TrainingSpec,
 )
+from airflow_llmops.uris import display_uri
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -106,4 +107,4 @@ class PlanRunOperator(LLMOpsBaseOperator):
         target = folder / "plan.json"
         target.write_text(json.dumps(plan, indent=2, sort_keys=True))
         self.log.info("Run plan for %s written to %s (specs: %s)", platform, target, ", ".join(specs))
-        return {"plan_uri": str(target), "data_interval": interval, "specs": plan["specs"]}
+        return {"plan_uri": display_uri(target), "data_interval": interval, "specs": plan["specs"]}

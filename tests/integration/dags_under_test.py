@@ -6,14 +6,17 @@ import importlib.util
 import sys
 from pathlib import Path
 
-DAGS = Path(__file__).resolve().parents[2] / "dags"
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_dag(dag_id: str):  # type: ignore[no-untyped-def]
-    path = DAGS / f"{dag_id}.py"
-    spec = importlib.util.spec_from_file_location(f"refdag_{dag_id}", path)
+def load_dag(dag_id: str, *, folder: str = "dags", module: str | None = None, attr: str = "dag"):  # type: ignore[no-untyped-def]
+    """Import ``<folder>/<module or dag_id>.py`` by path and return its DAG object ``attr``."""
+    path = ROOT / folder / f"{module or dag_id}.py"
+    spec = importlib.util.spec_from_file_location(f"refdag_{module or dag_id}", path)
     assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.dag
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = loaded
+    spec.loader.exec_module(loaded)
+    dag = getattr(loaded, attr)
+    assert dag.dag_id == dag_id
+    return dag

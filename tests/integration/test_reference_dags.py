@@ -66,7 +66,20 @@ def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db):
     assert plan["specs"]["rollout"]["strategy"] == "linear"
     assert plan["specs"]["rollout"]["traffic_steps"] == []
     assert plan["specs"]["training"]["learning_rate"] == 1e-4
-    assert plan["specs"]["dataset"]["source"] == "chatterbot://english"
+    assert plan["specs"]["dataset"]["source"].startswith("chatterbot://english?topics=ai,")
+
+    prepared = run.get_task_instance("prepare").xcom_pull(task_ids="prepare")
+    assert sum(prepared["rows"].values()) > 1000 and prepared["removed"]["exact_duplicate"] > 0
+    validated = run.get_task_instance("validate").xcom_pull(task_ids="validate")
+    summary = validated["summary"]
+    assert summary["success"] and summary["token_count_source"] == "n_tokens"
+    manifest = json.loads(Path(validated["dataset_uri"].removeprefix("file://"), "manifest.json").read_text())
+    assert (
+        manifest["output_rows"]
+        == summary["clean_count"]
+        == sum(prepared["rows"].values()) - summary["quarantined_count"]
+    )
+    assert len(manifest["splits"]["train"]["labels"]) == 16
 
 
 def test_bad_params_fail_the_plan_task_with_the_field_named(airflow_db, capfd):

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import pandas as pd
 
 from airflow_llmops.ml.data.errors import DatasetError
+from airflow_llmops.uris import display_uri
 
 SUFFIXES = {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "parquet": (".parquet", ".pq")}
 REASON_COLUMN = "quarantine_reasons"
@@ -30,12 +31,12 @@ class PathLike(Protocol):
 
 def _files(path: PathLike, fmt: str) -> list[PathLike]:
     if not path.exists():
-        raise DatasetError(f"no file or folder at {path}; check the dataset source URI and its connection")
+        raise DatasetError(f"no file or folder at {display_uri(path)}; check the dataset source URI and its connection")
     if not path.is_dir():
         return [path]
     files = sorted((p for p in path.iterdir() if p.name.lower().endswith(SUFFIXES[fmt])), key=lambda p: p.name)
     if not files:
-        raise DatasetError(f"folder {path} holds no {fmt} files (suffixes {', '.join(SUFFIXES[fmt])})")
+        raise DatasetError(f"folder {display_uri(path)} holds no {fmt} files (suffixes {', '.join(SUFFIXES[fmt])})")
     return files
 
 
@@ -53,7 +54,7 @@ def _bad(source: str, line: int, reason: str, raw: bytes) -> dict[str, Any]:
 def _read_jsonl(path: PathLike, max_record_bytes: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     bad: list[dict[str, Any]] = []
-    source = str(path)
+    source = display_uri(path)
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             line = raw.rstrip(b"\r\n")
@@ -85,15 +86,15 @@ def _read_csv(path: PathLike) -> pd.DataFrame:
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise DatasetError(
-            f"{path} is not valid UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} (line {line}); "
-            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            f"{display_uri(path)} is not valid UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} "
+            f"(line {line}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
         ) from None
     if not text.strip():
         return pd.DataFrame()
     try:
         frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except pd.errors.ParserError as err:
-        raise DatasetError(f"{path} is not a well-formed CSV file: {err}") from None
+        raise DatasetError(f"{display_uri(path)} is not a well-formed CSV file: {err}") from None
     frame["_source_line"] = range(2, len(frame) + 2)
     return frame
 
@@ -107,7 +108,7 @@ def _read_parquet(path: PathLike) -> pd.DataFrame:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as err:
         raise DatasetError(
-            f"{path} is not a readable Parquet file ({err}); it may be truncated or still being written"
+            f"{display_uri(path)} is not a readable Parquet file ({err}); it may be truncated or still being written"
         ) from None
     frame = table.to_pandas()
     frame["_source_line"] = range(1, len(frame) + 1)
@@ -134,10 +135,10 @@ def read_table(path: PathLike, fmt: str, *, max_record_bytes: int = 1_000_000) -
         else:
             frame = _read_parquet(file)
         if not frame.empty:
-            frame["_source_file"] = str(file)
+            frame["_source_file"] = display_uri(file)
             frames.append(frame)
     records = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     quarantine = pd.DataFrame(bad, columns=["source_file", "line", REASON_COLUMN, "raw_preview", "raw_bytes"])
     if records.empty and quarantine.empty:
-        raise DatasetError(f"{path} holds no records (empty {fmt} input); check that the export ran")
+        raise DatasetError(f"{display_uri(path)} holds no records (empty {fmt} input); check that the export ran")
     return records, quarantine

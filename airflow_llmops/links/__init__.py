@@ -1,0 +1,1 @@
+"""Extra links shown on our task instances in the Airflow UI."""

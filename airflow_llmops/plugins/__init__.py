@@ -1,0 +1,1 @@
+"""Airflow plugins of airflow-llmops (registered through the ``airflow.plugins`` entry point)."""

@@ -1,0 +1,67 @@
+"""Serve the local artifact store (reports, manifests) inside the Airflow UI, behind Airflow's own auth.
+
+Artifacts live under ``<artifact_root>/<dag_id>/...``; reading one requires read access to that DAG, so a user
+sees the reports of exactly the DAGs the auth manager lets them see. Remote stores link to their cloud console.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from pathlib import Path
+from typing import Any
+
+from airflow.plugins_manager import AirflowPlugin
+
+
+def _local_root() -> Path | None:
+    from airflow_llmops.operators.base import default_artifact_root
+
+    root = default_artifact_root()
+    if root.startswith("file://"):
+        return Path(root.removeprefix("file://")).resolve()
+    if "://" not in root:
+        return Path(root).resolve()
+    return None
+
+
+def create_app() -> Any:
+    from airflow.api_fastapi.core_api.security import requires_access_dag
+    from fastapi import Depends, FastAPI, HTTPException
+    from fastapi.responses import FileResponse
+
+    app = FastAPI(title="airflow-llmops artifacts", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/artifacts/{dag_id}/{path:path}", dependencies=[Depends(requires_access_dag(method="GET"))])
+    def artifact(dag_id: str, path: str) -> FileResponse:
+        root = _local_root()
+        if root is None:
+            raise HTTPException(404, "the artifact store is not a local folder; open the link to its console")
+        target = (root / dag_id / path).resolve()
+        if not target.is_relative_to(root / dag_id):
+            raise HTTPException(400, "path leaves the DAG's artifact folder")
+        if target.is_dir():
+            target = target / "index.html"
+        if not target.is_file():
+            raise HTTPException(404, f"no artifact {dag_id}/{path}")
+        media_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        return FileResponse(target, media_type=media_type)
+
+    return app
+
+
+class LazyApp:
+    """An ASGI app built on its first request, so that loading plugins (done by every Airflow component)
+    does not import FastAPI and the API server's security modules where they are never served."""
+
+    def __init__(self) -> None:
+        self._app: Any = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self._app is None:
+            self._app = create_app()
+        await self._app(scope, receive, send)
+
+
+class LLMOpsPlugin(AirflowPlugin):
+    name = "llmops"
+    fastapi_apps = [{"app": LazyApp(), "url_prefix": "/llmops", "name": "LLMOps artifacts"}]
