@@ -95,11 +95,25 @@ class Demo:
         return 0 if state == "success" else 1
 
     def print_outputs(self, client: AirflowClient, run_id: str) -> None:
-        plan = client.xcom(DAG_ID, run_id, "plan")
         print("\nWhat the run produced:")
+        plan = client.xcom(DAG_ID, run_id, "plan")
         if isinstance(plan, dict):
             print(f"   run plan (validated specs)  {plan.get('plan_uri')}")
-            print(f"   data interval               {json.dumps(plan.get('data_interval'))}")
+        prepared = client.xcom(DAG_ID, run_id, "prepare")
+        if isinstance(prepared, dict):
+            print(f"   prepared dataset            {prepared.get('dataset_uri')}")
+            print(f"     rows per split            {json.dumps(prepared.get('rows'))}")
+            print(f"     removed (with reasons)    {json.dumps(prepared.get('removed'))}")
+        validated = client.xcom(DAG_ID, run_id, "validate")
+        if isinstance(validated, dict):
+            summary = validated.get("summary", {})
+            print(f"   validated dataset           {validated.get('dataset_uri')}")
+            print(
+                f"     quarantined               {summary.get('quarantined_count')} rows "
+                f"({json.dumps(summary.get('quarantine_reasons'))}); "
+                f"PII redacted {json.dumps(summary.get('pii_redacted'))}"
+            )
+            print(f"   validation report (GX)      {summary.get('report_url')}")
 
     def print_access(self) -> None:
         password = generated_admin_password(self.home)

@@ -29,6 +29,30 @@ def _demo(root: Path, port: int, *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
+def _check_report_is_served_behind_auth(root: Path, port: int, stdout: str) -> None:
+    """The extra link's URL opens the GX report through the plugin, only for a logged-in user."""
+    import urllib.error
+    import urllib.request
+
+    from airflow_llmops.devstack.airflow_api import AirflowClient
+    from airflow_llmops.devstack.env import generated_admin_password
+
+    url = next(line.split()[-1] for line in stdout.splitlines() if "validation report (GX)" in line)
+    assert url.startswith(f"http://127.0.0.1:{port}/llmops/artifacts/llmops_local/"), url
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(url, timeout=10)
+    assert denied.value.code in (401, 403)
+    client = AirflowClient(f"http://127.0.0.1:{port}", "admin", generated_admin_password(root / ".airflow") or "")
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {client.token()}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200 and response.headers["content-type"].startswith("text/html")
+        assert b"Expectation" in response.read()
+    escape = url.replace("/llmops_local/", "/llmops_local/..%2F..%2F..%2F")
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        urllib.request.urlopen(urllib.request.Request(escape, headers={"Authorization": f"Bearer {client.token()}"}))
+    assert bad.value.code in (400, 404)
+
+
 def test_demo_runs_the_pipeline_and_reuses_airflow_on_rerun(tmp_path: Path):
     (tmp_path / "dags").symlink_to(ROOT / "dags")
     port = free_port()
@@ -39,6 +63,8 @@ def test_demo_runs_the_pipeline_and_reuses_airflow_on_rerun(tmp_path: Path):
         assert "starting airflow standalone" in first.stdout
         assert ": success" in first.stdout
         assert f"http://127.0.0.1:{port}" in first.stdout and "login admin /" in first.stdout
+        assert "validation report (GX)" in first.stdout and "quarantined" in first.stdout
+        _check_report_is_served_behind_auth(tmp_path, port, first.stdout)
         plans = list((tmp_path / ".llmops" / "artifacts" / "llmops_local").glob("manual__*/plan.json"))
         # Unpausing also lets the daily schedule create its latest run; the demo's own runs are manual.
         assert len(plans) == 1 and json.loads(plans[0].read_text())["platform"] == "local"
