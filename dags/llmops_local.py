@@ -26,7 +26,7 @@ Runs the lifecycle of a language model on the `local` platform: `plan` validates
 `validate` gates it with Great Expectations (schema, token lengths, labels, duplicates, invalid characters,
 personal data) and quarantines failing rows; then the later stages (train → quantize → evaluate → deploy).
 
-The prepared dataset is published as the Asset `llmops://datasets/chatterbot-topics`.
+The prepared dataset is published as the Asset `x-llmops://datasets/chatterbot-topics`.
 
 * **Schedule**: daily; each run works on its own data interval, so a backfill re-plans exactly those days.
 * **Manual runs**: *Trigger DAG w/ config* shows typed Params (model, task, platform, rollout strategy...);
