@@ -25,15 +25,24 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": "LLMOps",
-                "python-modules": ["airflow_llmops.operators.plan", "airflow_llmops.operators.data"],
+                "python-modules": [
+                    "airflow_llmops.operators.plan",
+                    "airflow_llmops.operators.data",
+                    "airflow_llmops.operators.training",
+                ],
             },
         ],
-        "sensors": [],
+        "sensors": [
+            {"integration-name": "LLMOps", "python-modules": ["airflow_llmops.sensors.training"]},
+        ],
         "hooks": [],
-        "triggers": [],
+        "triggers": [
+            {"integration-name": "LLMOps", "python-modules": ["airflow_llmops.triggers.training"]},
+        ],
         "extra-links": [
             "airflow_llmops.links.artifacts.DatasetLink",
             "airflow_llmops.links.artifacts.ValidationReportLink",
+            "airflow_llmops.links.mlflow.MLflowRunLink",
         ],
         "connection-types": [],
         "config": {
@@ -46,6 +55,22 @@ def get_provider_info() -> dict[str, Any]:
                         "version_added": "0.1.0",
                         "type": "string",
                         "example": "s3://my-bucket/llmops",
+                        "default": "",
+                    },
+                    "mlflow_tracking_uri": {
+                        "description": "MLflow tracking server for training runs and the model registry. Empty: "
+                        "$MLFLOW_TRACKING_URI, else no tracking.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "http://mlflow:5000",
+                        "default": "",
+                    },
+                    "local_jobs_root": {
+                        "description": "Folder of the local platform's training jobs (checkpoints, logs). Empty: "
+                        "$AIRFLOW_HOME/llmops/jobs. Workers that may retry a task must share it.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/shared/llmops/jobs",
                         "default": "",
                     },
                     "artifact_conn_id": {

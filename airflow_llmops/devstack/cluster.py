@@ -16,7 +16,7 @@ from types import TracebackType
 
 from airflow_llmops.devstack.airflow_api import AirflowClient
 from airflow_llmops.devstack.env import airflow_env
-from airflow_llmops.devstack.processes import ManagedProcess, free_port
+from airflow_llmops.processes import ManagedProcess, free_port
 
 DEFAULT_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from airflow_llmops.devstack.airflow_api import AirflowClient
 from airflow_llmops.devstack.env import airflow_env, generated_admin_password
-from airflow_llmops.devstack.processes import ManagedProcess, port_open, stop_process_group, tail
+from airflow_llmops.devstack.mlflow_server import MLflowServer
+from airflow_llmops.processes import ManagedProcess, port_open, stop_process_group, tail
 
 DAG_ID = "llmops_local"
 
@@ -32,17 +33,35 @@ class Demo:
         self.home = root / ".airflow"
         self.pid_file = self.home / "standalone.pid"
         self.log_path = self.home / "standalone.log"
+        self.mlflow_root = root / ".llmops" / "mlflow"
+        self.mlflow_port = int(os.environ.get("LLMOPS_MLFLOW_PORT", str(port + 1)))
+        self.mlflow_url = f"http://127.0.0.1:{self.mlflow_port}"
         self.env = airflow_env(self.home, root / "dags", port=port)
+        self.env["AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI"] = self.mlflow_url
         self.url = f"http://127.0.0.1:{port}"
 
-    def running_pid(self) -> int | None:
+    def running_pid(self, pid_file: Path | None = None) -> int | None:
         try:
-            pid = int(self.pid_file.read_text().strip())
+            pid = int((pid_file or self.pid_file).read_text().strip())
         except (OSError, ValueError):
             return None
         return pid if _pid_alive(pid) else None
 
+    def ensure_mlflow(self) -> None:
+        server = MLflowServer(self.mlflow_root, port=self.mlflow_port)
+        pid_file = self.mlflow_root / "server.pid"
+        if self.running_pid(pid_file) is not None and server.healthy():
+            print(f">> reusing the MLflow server at {self.mlflow_url}")
+            return
+        if port_open(self.mlflow_port):
+            raise SystemExit(f"port {self.mlflow_port} is taken; set LLMOPS_MLFLOW_PORT to a free port")
+        print(f">> starting the MLflow tracking server (SQLite, {self.mlflow_root})")
+        server.start()
+        assert server.process is not None
+        pid_file.write_text(str(server.process.pid))
+
     def ensure_airflow(self) -> None:
+        self.ensure_mlflow()
         if self.running_pid() is not None and port_open(self.port):
             print(f">> reusing the Airflow already running at {self.url} (pid {self.running_pid()})")
             return
@@ -114,24 +133,38 @@ class Demo:
                 f"PII redacted {json.dumps(summary.get('pii_redacted'))}"
             )
             print(f"   validation report (GX)      {summary.get('report_url')}")
+        trained = client.xcom(DAG_ID, run_id, "train")
+        if isinstance(trained, dict):
+            metrics = trained.get("metrics", {})
+            shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") or k == "tokens_per_s"}
+            print(f"   trained model               {trained.get('model_uri')}")
+            print(f"     metrics                   {json.dumps(shown)}")
+            print(f"     MLflow run                {trained.get('mlflow_run_id')}")
 
     def print_access(self) -> None:
         password = generated_admin_password(self.home)
         print(
             f"\nAirflow UI       {self.url}  (login admin / {password})\n"
+            f"MLflow UI        {self.mlflow_url}\n"
             f"                 password file: {self.home / 'simple_auth_manager_passwords.json.generated'}\n"
             f"Airflow log      {self.log_path}\n"
             f"Stop everything  ./scripts/demo stop"
         )
 
     def stop(self) -> int:
-        pid = self.running_pid()
-        if pid is None:
-            print("nothing to stop: no airflow standalone started by the demo is running")
-            return 0
-        stop_process_group(pid)
-        self.pid_file.unlink(missing_ok=True)
-        print(f"stopped airflow standalone (pid {pid})")
+        stopped = False
+        for name, pid_file in (
+            ("airflow standalone", self.pid_file),
+            ("mlflow server", self.mlflow_root / "server.pid"),
+        ):
+            pid = self.running_pid(pid_file)
+            if pid is not None:
+                stop_process_group(pid)
+                print(f"stopped {name} (pid {pid})")
+                stopped = True
+            pid_file.unlink(missing_ok=True)
+        if not stopped:
+            print("nothing to stop: no airflow standalone or MLflow server started by the demo is running")
         return 0
 
 

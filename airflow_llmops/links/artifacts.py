@@ -45,7 +45,8 @@ class _XComLink(BaseOperatorLink):
         return self.label
 
     def persist(self, context: Context, uri: str) -> str:
-        url = browser_url(uri)
+        """Store the link (a store URI is turned into a URL a browser can open) and return it."""
+        url = uri if uri.startswith(("http://", "https://")) else browser_url(uri)
         context["ti"].xcom_push(key=self.xcom_key, value=url)
         return url
 

@@ -3,5 +3,12 @@
 from airflow_llmops.operators.base import LLMOpsBaseOperator
 from airflow_llmops.operators.data import PrepareDatasetOperator, ValidateDatasetOperator
 from airflow_llmops.operators.plan import PlanRunOperator
+from airflow_llmops.operators.training import TrainModelOperator
 
-__all__ = ["LLMOpsBaseOperator", "PlanRunOperator", "PrepareDatasetOperator", "ValidateDatasetOperator"]
+__all__ = [
+    "LLMOpsBaseOperator",
+    "PlanRunOperator",
+    "PrepareDatasetOperator",
+    "TrainModelOperator",
+    "ValidateDatasetOperator",
+]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_llmops.devstack.processes import free_port
+from airflow_llmops.processes import free_port
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ def moto_s3(monkeypatch_module):
     from botocore.config import Config
     from moto.server import ThreadedMotoServer
 
-    from airflow_llmops.devstack.processes import free_port
+    from airflow_llmops.processes import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)

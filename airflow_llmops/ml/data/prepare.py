@@ -12,6 +12,7 @@ import json
 import math
 import re
 import unicodedata
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,28 +68,34 @@ class PreparedDataset:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def _near_duplicates(frame: pd.DataFrame, threshold: float, text_of: Callable[[pd.Series], str]) -> dict[str, str]:
-    """record_id → id of the earlier (by record_id order) record it nearly duplicates, via MinHash LSH."""
+def _near_duplicates(ids: list[str], texts: list[str], threshold: float) -> dict[str, str]:
+    """record_id → id of the earlier (by record_id order) record it nearly duplicates, via MinHash LSH over
+    character 4-grams (works for short texts and for scripts without spaces)."""
     from datasketch import MinHash, MinHashLSH
 
+    # One set of permutations for all signatures, and CRC32 (C, deterministic) instead of the default SHA-1:
+    # both were most of the cost per record.
+    template = MinHash(num_perm=_NUM_PERM, seed=1, hashfunc=zlib.crc32)
     lsh = MinHashLSH(threshold=threshold, num_perm=_NUM_PERM)
     kept: dict[str, MinHash] = {}
     dupes: dict[str, str] = {}
-    for _, row in frame.iterrows():
-        text = text_of(row).lower()
+    for record_id, raw in zip(ids, texts, strict=True):
+        text = raw.lower()
         grams = {text[i : i + _SHINGLE] for i in range(max(1, len(text) - _SHINGLE + 1))}
         # Texts this short carry too few shingles for a meaningful estimate: exact dedupe covers them.
         if len(grams) < 8:
             continue
-        mh = MinHash(num_perm=_NUM_PERM, seed=1)
+        mh = MinHash(
+            num_perm=_NUM_PERM, seed=1, hashfunc=zlib.crc32, permutations=template.permutations, scheme=template.scheme
+        )
         mh.update_batch([g.encode("utf-8") for g in sorted(grams)])
         # LSH returns candidates; keep only those whose estimated Jaccard similarity reaches the threshold.
         hits = [rid for rid in sorted(lsh.query(mh)) if mh.jaccard(kept[rid]) >= threshold]
         if hits:
-            dupes[row["record_id"]] = hits[0]
+            dupes[record_id] = hits[0]
         else:
-            lsh.insert(row["record_id"], mh)
-            kept[row["record_id"]] = mh
+            lsh.insert(record_id, mh)
+            kept[record_id] = mh
     return dupes
 
 
@@ -154,7 +161,8 @@ def prepare_records(
         removed.append(frame[exact].assign(**{REASON_COLUMN: "exact_duplicate"}))
     frame = frame[~exact]
 
-    near = _near_duplicates(frame, spec.near_duplicate_threshold, lambda row: " ".join(row[c] for c in fields))
+    joined = [" ".join(parts) for parts in frame[fields].itertuples(index=False)]
+    near = _near_duplicates(list(frame["record_id"]), joined, spec.near_duplicate_threshold)
     is_near = frame["record_id"].isin(near)
     if is_near.any():
         reasons = frame.loc[is_near, "record_id"].map(lambda rid: f"near_duplicate_of:{near[rid]}")

@@ -1,0 +1,187 @@
+"""TrainModelOperator: run a training job on a platform, follow it, and hand the model on."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import conf
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from airflow_llmops.links.mlflow import MLflowRunLink, mlflow_run_url
+from airflow_llmops.operators.base import LLMOpsBaseOperator
+from airflow_llmops.platforms.base import JobHandle, JobState, JobStatus
+from airflow_llmops.specs import SpecValidationError, TrainingSpec
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_llmops.platforms.base import TrainingPlatform
+
+
+def default_mlflow_tracking_uri() -> str:
+    return conf.get("llmops", "mlflow_tracking_uri", fallback="") or os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+def default_local_jobs_root() -> str:
+    configured = conf.get("llmops", "local_jobs_root", fallback="")
+    if configured:
+        return configured
+    home = conf.get("core", "airflow_home", fallback="") or os.environ.get("AIRFLOW_HOME", "~/airflow")
+    return os.path.join(os.path.expanduser(home), "llmops", "jobs")
+
+
+class TrainModelOperator(LLMOpsBaseOperator):
+    """Train a model with a :class:`TrainingSpec` on ``platform`` and return its URI and key metrics.
+
+    The job is named after (dag_id, run_id, task_id), so a retry re-attaches to a job that is still running,
+    and a job that crashed restarts in the same place and resumes from its newest checkpoint. While it runs
+    the task log shows its progress every ``progress_interval`` seconds; with ``deferrable=True`` the wait
+    moves to the triggerer and frees the worker slot. Killing the task stops the whole job.
+
+    :param spec: :class:`TrainingSpec` (or a mapping / JSON of one; templated).
+    :param dataset_uri: prepared dataset folder, overriding ``spec.dataset_uri`` (templated).
+    :param mlflow_tracking_uri: MLflow server for params, metrics and the model (templated); default
+        ``[llmops] mlflow_tracking_uri`` or ``$MLFLOW_TRACKING_URI``; empty: no tracking.
+    :param poll_interval: seconds between status checks.
+    :param progress_interval: seconds between progress lines in the task log.
+    :param deferrable: wait in the triggerer instead of the worker.
+    """
+
+    template_fields: Sequence[str] = (
+        *LLMOpsBaseOperator.template_fields,
+        "spec",
+        "dataset_uri",
+        "mlflow_tracking_uri",
+    )
+    operator_extra_links = (MLflowRunLink(),)
+    ui_color = "#f0e6ff"
+
+    def __init__(
+        self,
+        *,
+        spec: TrainingSpec | Mapping[str, Any] | str | None = None,
+        dataset_uri: str | None = None,
+        mlflow_tracking_uri: str | None = None,
+        jobs_root: str | None = None,
+        poll_interval: float = 5.0,
+        progress_interval: float = 30.0,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        timeout: timedelta | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.spec = spec
+        self.dataset_uri = dataset_uri
+        self.mlflow_tracking_uri = mlflow_tracking_uri
+        self.jobs_root = jobs_root
+        self.poll_interval = poll_interval
+        self.progress_interval = progress_interval
+        self.deferrable = deferrable
+        self.timeout = timeout
+        self._handle: JobHandle | None = None
+
+    # -- pieces --------------------------------------------------------------------------------------------
+    def training_spec(self) -> TrainingSpec:
+        try:
+            spec = TrainingSpec.parse(self.spec or {})
+        except SpecValidationError as err:
+            raise AirflowFailException(str(err)) from None
+        if self.dataset_uri:
+            spec = spec.model_copy(update={"dataset_uri": str(self.dataset_uri).removeprefix("file://")})
+        if not spec.dataset_uri:
+            raise AirflowFailException(f"{self.task_id}: no dataset; set dataset_uri or spec.dataset_uri")
+        return spec
+
+    def platform_kwargs(self) -> dict[str, Any]:
+        if self.check_platform() != "local":
+            return {}
+        tracking = self.mlflow_tracking_uri if self.mlflow_tracking_uri is not None else default_mlflow_tracking_uri()
+        env = {"MLFLOW_TRACKING_URI": tracking} if tracking else {}
+        return {"jobs_root": self.jobs_root or default_local_jobs_root(), "env": env}
+
+    def platform_adapter(self) -> TrainingPlatform:
+        from airflow_llmops.platforms import get_platform
+
+        try:
+            return get_platform(self.check_platform(), **self.platform_kwargs())
+        except ValueError as err:
+            raise AirflowFailException(str(err)) from None
+
+    # -- execution -----------------------------------------------------------------------------------------
+    def execute(self, context: Context) -> dict[str, Any]:
+        spec = self.training_spec()
+        platform = self.platform_adapter()
+        handle = platform.submit_training(spec, job_name=self.job_name(context))
+        self._handle = handle
+        context["ti"].xcom_push(key="job", value=handle.to_dict())
+        self.log.info("Training job %s on %s (%s)", handle.job_name, platform.name, handle.extra or handle.job_id)
+        if self.deferrable:
+            from airflow_llmops.triggers.training import TrainingJobTrigger
+
+            self.defer(
+                trigger=TrainingJobTrigger(
+                    platform=platform.name,
+                    platform_kwargs=self.platform_kwargs(),
+                    handle=handle.to_dict(),
+                    poll_interval=self.poll_interval,
+                    timeout=self.timeout.total_seconds() if self.timeout else None,
+                ),
+                method_name="execute_complete",
+            )
+        status = self._wait(platform, handle)
+        return self._finish(context, platform, handle, status)
+
+    def _wait(self, platform: TrainingPlatform, handle: JobHandle) -> JobStatus:
+        from airflow_llmops.triggers.training import progress_line
+
+        started = last_log = time.monotonic()
+        while True:
+            status = platform.get_training_status(handle)
+            if status.state.is_terminal:
+                return status
+            now = time.monotonic()
+            if now - last_log >= self.progress_interval:
+                self.log.info("%s: %s", handle.job_name, progress_line(status))
+                last_log = now
+            if self.timeout and now - started > self.timeout.total_seconds():
+                platform.cancel_training(handle)
+                raise AirflowException(f"training job {handle.job_name} did not finish within {self.timeout}")
+            time.sleep(self.poll_interval)
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        handle = JobHandle.from_dict(event["handle"])
+        if event["status"].get("state") == "timeout":
+            self.platform_adapter().cancel_training(handle)
+            raise AirflowException(f"training job {handle.job_name}: {event['status'].get('message')}")
+        return self._finish(context, self.platform_adapter(), handle, JobStatus.from_dict(event["status"]))
+
+    def _finish(
+        self, context: Context, platform: TrainingPlatform, handle: JobHandle, status: JobStatus
+    ) -> dict[str, Any]:
+        details = platform.describe_training(handle)
+        final = details.get("status") or {}
+        if status.state is not JobState.SUCCEEDED:
+            # Retryable: the retry re-attaches to the same job folder and resumes from its checkpoints.
+            raise AirflowException(f"training job {handle.job_name} {status.state.value}: {status.message}")
+        run_id = final.get("mlflow_run_id")
+        tracking = self.platform_kwargs().get("env", {}).get("MLFLOW_TRACKING_URI", "")
+        url = mlflow_run_url(tracking, final.get("mlflow_experiment_id"), run_id) if run_id else None
+        if url:
+            MLflowRunLink().persist(context, url)
+        self.log.info("Model %s; metrics %s", status.model_uri, status.metrics)
+        return {
+            "model_uri": status.model_uri,
+            "metrics": status.metrics,
+            "job_name": handle.job_name,
+            "mlflow_run_id": run_id,
+            "resumed_from_step": final.get("resumed_from_step"),
+        }
+
+    def on_kill(self) -> None:
+        if self._handle is not None:
+            self.log.info("Stopping training job %s", self._handle.job_name)
+            self.platform_adapter().cancel_training(self._handle)

@@ -1,0 +1,214 @@
+"""The local platform: training jobs are torchrun process groups on this machine (or several, by rendezvous).
+
+A job lives in ``<jobs_root>/<job_name>/``: the spec, the launcher's log, the training entry point's
+``progress.jsonl``, ``checkpoints/`` and ``status.json``. Everything the platform knows is on disk, so any
+process (a worker, the triggerer, a retry on another worker sharing the folder) can poll, re-attach or cancel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from airflow_llmops.platforms.base import JobHandle, JobState, JobStatus
+from airflow_llmops.specs import TrainingSpec
+
+PID_FILE = "launcher.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of this process still answers kill(0): reap it if it is ours.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def last_progress(job_dir: Path) -> dict[str, Any] | None:
+    """The newest complete line of the job's progress.jsonl."""
+    path = job_dir / "progress.jsonl"
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 4096))
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    for raw in reversed(lines):
+        with contextlib.suppress(ValueError):
+            return dict(json.loads(raw))
+    return None
+
+
+class LocalPlatform:
+    """Training half of the platform protocol on this machine, with ``torchrun``.
+
+    :param jobs_root: folder holding one sub-folder per job (shared by workers that may retry the task).
+    :param env: extra environment for the job (e.g. ``MLFLOW_TRACKING_URI``).
+    """
+
+    name = "local"
+
+    def __init__(self, jobs_root: str | Path, *, env: dict[str, str] | None = None, python: str | None = None):
+        self.jobs_root = Path(str(jobs_root).removeprefix("file://"))
+        self.env = dict(env or {})
+        self.python = python or sys.executable
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def job_dir(self, job_name: str) -> Path:
+        return self.jobs_root / job_name
+
+    @staticmethod
+    def nproc(spec: TrainingSpec) -> int:
+        if spec.distributed.nproc_per_node != "auto":
+            return int(spec.distributed.nproc_per_node)
+        try:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        except ImportError:  # pragma: no cover - the local extra brings torch
+            gpus = 0
+        # No GPU: two CPU processes with gloo, which on a 2-core machine matches one process with 2 threads.
+        return gpus or 2
+
+    def command(self, spec: TrainingSpec, job_dir: Path, *, master_port: int | None = None) -> list[str]:
+        dist = spec.distributed
+        argv = [self.python, "-m", "torch.distributed.run", "--nproc_per_node", str(self.nproc(spec))]
+        if dist.nnodes > 1:
+            argv += [
+                "--nnodes",
+                str(dist.nnodes),
+                "--node_rank",
+                str(dist.node_rank),
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                str(dist.rdzv_endpoint),
+                "--rdzv_id",
+                dist.rdzv_id or job_dir.name,
+            ]
+        else:
+            argv += ["--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(master_port or 0)]
+        argv += ["-m", "airflow_llmops.ml.train", "--spec", str(job_dir / "spec.json"), "--job-dir", str(job_dir)]
+        return argv
+
+    def _launcher(self, job_dir: Path) -> dict[str, Any] | None:
+        return _read_json(job_dir / PID_FILE)
+
+    # -- protocol ------------------------------------------------------------------------------------------
+    def submit_training(self, spec: TrainingSpec, *, job_name: str) -> JobHandle:
+        """Start the job, or re-attach to it: a running job is not started twice, a finished one is not rerun,
+        and a failed or killed one restarts in the same folder, where training resumes from its checkpoints."""
+        job_dir = self.job_dir(job_name)
+        launcher = self._launcher(job_dir)
+        status = _read_json(job_dir / "status.json")
+        if launcher and (_alive(int(launcher["pid"])) or (status and status.get("state") == "succeeded")):
+            return self._handle(job_name, launcher)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "status.json").unlink(missing_ok=True)
+        (job_dir / "spec.json").write_text(spec.to_json(indent=2))
+        from airflow_llmops.processes import free_port
+
+        argv = self.command(spec, job_dir, master_port=free_port())
+        env = {**os.environ, **self.env, "LLMOPS_RUN_KEY": job_name, "PYTHONUNBUFFERED": "1"}
+        attempt = int(launcher.get("attempt", 0)) + 1 if launcher else 1
+        with (job_dir / "launcher.log").open("ab") as log:
+            log.write(f"\n=== attempt {attempt}: {' '.join(argv)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            )
+        record = {"pid": proc.pid, "argv": argv, "attempt": attempt, "started_at": time.time()}
+        (job_dir / PID_FILE).write_text(json.dumps(record))
+        return self._handle(job_name, record)
+
+    def _handle(self, job_name: str, launcher: dict[str, Any]) -> JobHandle:
+        job_dir = self.job_dir(job_name)
+        return JobHandle(
+            platform=self.name,
+            job_id=str(launcher["pid"]),
+            job_name=job_name,
+            console_url=None,
+            extra={"job_dir": str(job_dir), "attempt": launcher.get("attempt", 1)},
+        )
+
+    def get_training_status(self, handle: JobHandle) -> JobStatus:
+        job_dir = self.job_dir(handle.job_name)
+        status = _read_json(job_dir / "status.json")
+        progress = last_progress(job_dir)
+        fraction = None
+        if progress and progress.get("total_steps"):
+            fraction = min(1.0, float(progress["step"]) / float(progress["total_steps"]))
+        if status and status.get("state") == "succeeded":
+            return JobStatus(
+                state=JobState.SUCCEEDED,
+                message="training finished",
+                progress=1.0,
+                metrics={k: float(v) for k, v in (status.get("metrics") or {}).items() if isinstance(v, int | float)},
+                model_uri=status.get("model_uri"),
+            )
+        if status and status.get("state") == "failed":
+            return JobStatus(state=JobState.FAILED, message=str(status.get("message", "training failed")))
+        launcher = self._launcher(job_dir)
+        if launcher and _alive(int(launcher["pid"])):
+            metrics = {k: float(progress[k]) for k in ("loss", "tokens_per_s", "eta_s") if progress and progress.get(k)}
+            return JobStatus(state=JobState.RUNNING, progress=fraction, metrics=metrics)
+        if launcher is None:
+            return JobStatus(state=JobState.PENDING, message="not started")
+        return JobStatus(
+            state=JobState.FAILED, message=f"the job's processes exited without a result; log:\n{self._tail(job_dir)}"
+        )
+
+    @staticmethod
+    def _tail(job_dir: Path, lines: int = 30) -> str:
+        try:
+            return "\n".join((job_dir / "launcher.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def cancel_training(self, handle: JobHandle) -> None:
+        launcher = self._launcher(self.job_dir(handle.job_name))
+        if not launcher:
+            return
+        from airflow_llmops.processes import stop_process_group
+
+        stop_process_group(int(launcher["pid"]), timeout=15)
+
+    def kill_training(self, handle: JobHandle) -> None:
+        """SIGKILL the whole process group at once (tests use it to simulate a crashed worker)."""
+        launcher = self._launcher(self.job_dir(handle.job_name))
+        if launcher:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(launcher["pid"]), signal.SIGKILL)
+
+    def describe_training(self, handle: JobHandle) -> dict[str, Any]:
+        job_dir = self.job_dir(handle.job_name)
+        return {
+            "job_dir": str(job_dir),
+            "launcher": self._launcher(job_dir),
+            "status": _read_json(job_dir / "status.json"),
+            "last_progress": last_progress(job_dir),
+            "checkpoints": sorted(p.name for p in (job_dir / "checkpoints").glob("checkpoint-*")),
+        }

@@ -1,0 +1,1 @@
+"""Triggers: asynchronous waits that run in Airflow's triggerer while the worker slot is free."""

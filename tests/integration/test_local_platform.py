@@ -1,0 +1,128 @@
+"""The local platform runs real torchrun jobs: submit, follow, re-attach, kill and resume, cancel; and the
+trigger that polls them from the triggerer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from airflow_llmops.platforms import JobState, get_platform
+from airflow_llmops.platforms.base import JobHandle
+from airflow_llmops.specs import TrainingSpec
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    from airflow_llmops.ml.data.chatterbot import load_chatterbot
+    from airflow_llmops.ml.data.prepare import prepare_records, serialise
+    from airflow_llmops.specs import DatasetSpec
+
+    folder = tmp_path_factory.mktemp("dataset")
+    spec = DatasetSpec(name="small", source="chatterbot://english?topics=ai,food,greetings,money")
+    for name, data in serialise(prepare_records(load_chatterbot(spec.source), spec)).items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def _spec(dataset: Path, **overrides) -> TrainingSpec:
+    base = {
+        "dataset_uri": str(dataset),
+        "max_steps": 12,
+        "per_device_batch_size": 8,
+        "max_seq_length": 32,
+        "checkpoint_every_steps": 4,
+        "log_every_steps": 2,
+        "distributed": {"nproc_per_node": 2},
+    }
+    return TrainingSpec.parse({**base, **overrides})
+
+
+def _wait(platform, handle, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = platform.get_training_status(handle)
+        if status.state.is_terminal:
+            return status
+        time.sleep(1)
+    raise TimeoutError(platform.describe_training(handle))
+
+
+def test_submit_runs_torchrun_and_reattaches_instead_of_starting_twice(tmp_path, dataset):
+    platform = get_platform("local", jobs_root=str(tmp_path))
+    handle = platform.submit_training(_spec(dataset), job_name="job-a")
+    again = platform.submit_training(_spec(dataset), job_name="job-a")
+    assert again.job_id == handle.job_id  # still running: same launcher, no duplicate
+    status = _wait(platform, handle)
+    assert status.state is JobState.SUCCEEDED, platform.describe_training(handle)
+    assert Path(status.model_uri).is_dir() and status.metrics["eval_accuracy"] >= 0
+    described = platform.describe_training(handle)
+    assert described["status"]["world_size"] == 2
+    finished = platform.submit_training(_spec(dataset), job_name="job-a")
+    assert finished.extra["attempt"] == 1  # a finished job is not rerun
+    assert JobHandle.from_dict(json.loads(json.dumps(handle.to_dict()))) == handle
+
+
+def test_a_killed_job_restarts_in_place_and_resumes_from_its_checkpoint(tmp_path, dataset):
+    platform = get_platform("local", jobs_root=str(tmp_path))
+    spec = _spec(dataset, max_steps=40, checkpoint_every_steps=5)
+    handle = platform.submit_training(spec, job_name="job-b")
+    job_dir = tmp_path / "job-b"
+    deadline = time.monotonic() + 240
+    while not any((p / "trainer_state.json").exists() for p in (job_dir / "checkpoints").glob("checkpoint-*")):
+        assert time.monotonic() < deadline, platform.describe_training(handle)
+        assert platform.get_training_status(handle).state is not JobState.FAILED, platform.describe_training(handle)
+        time.sleep(0.5)
+    platform.kill_training(handle)  # SIGKILL the process group: a crashed worker, no clean-up
+    time.sleep(1)
+    crashed = platform.get_training_status(handle)
+    assert crashed.state is JobState.FAILED and "exited without a result" in crashed.message
+    retry = platform.submit_training(spec, job_name="job-b")
+    assert retry.extra["attempt"] == 2 and retry.job_id != handle.job_id
+    status = _wait(platform, retry)
+    assert status.state is JobState.SUCCEEDED, platform.describe_training(retry)
+    final = json.loads((job_dir / "status.json").read_text())
+    assert final["resumed_from_step"] >= 5
+
+
+def test_cancel_stops_the_whole_process_group(tmp_path, dataset):
+    platform = get_platform("local", jobs_root=str(tmp_path))
+    handle = platform.submit_training(_spec(dataset, max_steps=500), job_name="job-c")
+    time.sleep(3)
+    platform.cancel_training(handle)
+    pgid = int(handle.job_id)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
+    assert platform.get_training_status(handle).state is JobState.FAILED
+
+
+def test_trigger_round_trips_and_fires_when_the_job_ends(tmp_path, dataset):
+    from airflow_llmops.triggers.training import TrainingJobTrigger
+
+    platform = get_platform("local", jobs_root=str(tmp_path))
+    handle = platform.submit_training(_spec(dataset, max_steps=6), job_name="job-d")
+    trigger = TrainingJobTrigger(
+        platform="local", platform_kwargs={"jobs_root": str(tmp_path)}, handle=handle.to_dict(), poll_interval=0.5
+    )
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "airflow_llmops.triggers.training.TrainingJobTrigger"
+    rebuilt = TrainingJobTrigger(**json.loads(json.dumps(kwargs)))
+
+    async def first_event():
+        async for event in rebuilt.run():
+            return event.payload
+        return None
+
+    payload = asyncio.run(asyncio.wait_for(first_event(), timeout=300))
+    assert payload["status"]["state"] == "succeeded" and payload["handle"] == handle.to_dict()
+
+
+def test_unknown_and_unimplemented_platforms_say_so():
+    with pytest.raises(ValueError, match="unknown platform 'mainframe'"):
+        get_platform("mainframe")
+    with pytest.raises(ValueError, match="'sagemaker' has no training adapter"):
+        get_platform("sagemaker")
