@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_llmops.processes import free_port
+from airflow_llmops.processes import free_port, port_open
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _demo(root: Path, port: int, *args: str) -> subprocess.CompletedProcess[str]:
     cli = Path(sys.executable).with_name("airflow-llmops")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env["LLMOPS_MLFLOW_PORT"] = str(port + 1)
     return subprocess.run(
         [str(cli), "demo", *args, "--root", str(root), "--port", str(port)],
         capture_output=True,
@@ -56,6 +57,8 @@ def _check_report_is_served_behind_auth(root: Path, port: int, stdout: str) -> N
 def test_demo_runs_the_pipeline_and_reuses_airflow_on_rerun(tmp_path: Path):
     (tmp_path / "dags").symlink_to(ROOT / "dags")
     port = free_port()
+    while port_open(port + 1):
+        port = free_port()
     try:
         first = _demo(tmp_path, port)
         log = (tmp_path / ".airflow" / "standalone.log").read_text(errors="replace")[-3000:]
@@ -77,5 +80,5 @@ def test_demo_runs_the_pipeline_and_reuses_airflow_on_rerun(tmp_path: Path):
         assert {json.loads(p.read_text())["specs"]["rollout"]["strategy"] for p in plans} == {"canary", "shadow"}
     finally:
         stopped = _demo(tmp_path, port, "stop")
-    assert "stopped airflow standalone" in stopped.stdout
+    assert "stopped airflow standalone" in stopped.stdout and "stopped mlflow server" in stopped.stdout
     assert not (tmp_path / ".airflow" / "standalone.pid").exists()
