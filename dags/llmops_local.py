@@ -6,7 +6,12 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
 
-from airflow_llmops.operators import PlanRunOperator, PrepareDatasetOperator, ValidateDatasetOperator
+from airflow_llmops.operators import (
+    PlanRunOperator,
+    PrepareDatasetOperator,
+    TrainModelOperator,
+    ValidateDatasetOperator,
+)
 from airflow_llmops.operators.data import dataset_asset
 
 DATASET = "chatterbot-topics"
@@ -24,7 +29,8 @@ DOC = """
 Runs the lifecycle of a language model on the `local` platform: `plan` validates the run's specs,
 `prepare` normalises, deduplicates (exact and MinHash near-duplicates) and splits the data by a stable hash,
 `validate` gates it with Great Expectations (schema, token lengths, labels, duplicates, invalid characters,
-personal data) and quarantines failing rows; then the later stages (train → quantize → evaluate → deploy).
+personal data) and quarantines failing rows; `train` fine-tunes the model with torchrun (2 CPU processes, or
+one per GPU), tracked in MLflow and resumable from checkpoints; then quantize → evaluate → deploy.
 
 The prepared dataset is published as the Asset `x-llmops://datasets/chatterbot-topics`.
 
@@ -107,6 +113,10 @@ with DAG(
             "model": "{{ params.model }}",
             "max_steps": "{{ params.max_steps }}",
             "learning_rate": "{{ params.learning_rate }}",
+            "max_seq_length": 64,
+            "per_device_batch_size": 16,
+            "checkpoint_every_steps": 20,
+            "log_every_steps": 5,
         },
         rollout={
             "strategy": "{{ params.rollout_strategy }}",
@@ -126,4 +136,12 @@ with DAG(
         dataset_uri="{{ ti.xcom_pull(task_ids='prepare')['dataset_uri'] }}",
         validation={"max_tokens": 128, "pii_action": "{{ params.pii_action }}", "max_quarantine_fraction": 0.02},
     )
-    plan >> prepare >> validate
+    train = TrainModelOperator(
+        task_id="train",
+        platform="{{ params.platform }}",
+        spec="{{ ti.xcom_pull(task_ids='plan')['specs']['training'] }}",
+        dataset_uri="{{ ti.xcom_pull(task_ids='validate')['dataset_uri'] }}",
+        progress_interval=10,
+        execution_timeout=timedelta(hours=2),
+    )
+    plan >> prepare >> validate >> train

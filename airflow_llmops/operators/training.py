@@ -169,7 +169,8 @@ class TrainModelOperator(LLMOpsBaseOperator):
             raise AirflowException(f"training job {handle.job_name} {status.state.value}: {status.message}")
         run_id = final.get("mlflow_run_id")
         tracking = self.platform_kwargs().get("env", {}).get("MLFLOW_TRACKING_URI", "")
-        url = mlflow_run_url(tracking, final.get("mlflow_experiment_id"), run_id) if run_id else None
+        experiment_id = (details.get("mlflow") or {}).get("experiment_id")
+        url = mlflow_run_url(tracking, experiment_id, run_id) if run_id else None
         if url:
             MLflowRunLink().persist(context, url)
         self.log.info("Model %s; metrics %s", status.model_uri, status.metrics)

@@ -21,6 +21,40 @@ from airflow_llmops.platforms.base import JobHandle, JobState, JobStatus
 from airflow_llmops.specs import TrainingSpec
 
 PID_FILE = "launcher.json"
+# Set on the launcher and inherited by every process of the job. torchrun starts each worker in a session of
+# its own, so the launcher's process group does not hold the workers: this marker finds them.
+JOB_MARKER = "LLMOPS_LOCAL_JOB_DIR"
+
+
+def job_processes(job_dir: Path) -> list[Any]:
+    """Every live process of the job (launcher and workers), found by the marker in their environment."""
+    import psutil
+
+    wanted = str(job_dir)
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get(JOB_MARKER) == wanted and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def terminate_job(job_dir: Path, *, grace: float = 15.0, sig: int = signal.SIGTERM) -> int:
+    """Signal every process of the job, SIGKILL what is left after ``grace`` seconds; returns how many."""
+    import psutil
+
+    procs = job_processes(job_dir)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(sig)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return len(procs)
 
 
 def _alive(pid: int) -> bool:
@@ -126,13 +160,22 @@ class LocalPlatform:
         status = _read_json(job_dir / "status.json")
         if launcher and (_alive(int(launcher["pid"])) or (status and status.get("state") == "succeeded")):
             return self._handle(job_name, launcher)
+        # Workers of a crashed attempt may outlive their launcher and would race the new attempt for the
+        # checkpoint folder: they go first.
+        terminate_job(job_dir, grace=5)
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "status.json").unlink(missing_ok=True)
         (job_dir / "spec.json").write_text(spec.to_json(indent=2))
         from airflow_llmops.processes import free_port
 
         argv = self.command(spec, job_dir, master_port=free_port())
-        env = {**os.environ, **self.env, "LLMOPS_RUN_KEY": job_name, "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            **self.env,
+            "LLMOPS_RUN_KEY": job_name,
+            "PYTHONUNBUFFERED": "1",
+            JOB_MARKER: str(job_dir),
+        }
         attempt = int(launcher.get("attempt", 0)) + 1 if launcher else 1
         with (job_dir / "launcher.log").open("ab") as log:
             log.write(f"\n=== attempt {attempt}: {' '.join(argv)}\n".encode())
@@ -189,19 +232,8 @@ class LocalPlatform:
             return "(no log)"
 
     def cancel_training(self, handle: JobHandle) -> None:
-        launcher = self._launcher(self.job_dir(handle.job_name))
-        if not launcher:
-            return
-        from airflow_llmops.processes import stop_process_group
-
-        stop_process_group(int(launcher["pid"]), timeout=15)
-
-    def kill_training(self, handle: JobHandle) -> None:
-        """SIGKILL the whole process group at once (tests use it to simulate a crashed worker)."""
-        launcher = self._launcher(self.job_dir(handle.job_name))
-        if launcher:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(int(launcher["pid"]), signal.SIGKILL)
+        """Stop the launcher and every worker (SIGTERM, then SIGKILL after a grace period)."""
+        terminate_job(self.job_dir(handle.job_name), grace=15)
 
     def describe_training(self, handle: JobHandle) -> dict[str, Any]:
         job_dir = self.job_dir(handle.job_name)
@@ -209,6 +241,7 @@ class LocalPlatform:
             "job_dir": str(job_dir),
             "launcher": self._launcher(job_dir),
             "status": _read_json(job_dir / "status.json"),
+            "mlflow": _read_json(job_dir / "mlflow.json"),
             "last_progress": last_progress(job_dir),
             "checkpoints": sorted(p.name for p in (job_dir / "checkpoints").glob("checkpoint-*")),
         }

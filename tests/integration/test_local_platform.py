@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from airflow_llmops.platforms import JobState, get_platform
 from airflow_llmops.platforms.base import JobHandle
+from airflow_llmops.platforms.local import job_processes
 from airflow_llmops.specs import TrainingSpec
 
 
@@ -77,12 +79,14 @@ def test_a_killed_job_restarts_in_place_and_resumes_from_its_checkpoint(tmp_path
         assert time.monotonic() < deadline, platform.describe_training(handle)
         assert platform.get_training_status(handle).state is not JobState.FAILED, platform.describe_training(handle)
         time.sleep(0.5)
-    platform.kill_training(handle)  # SIGKILL the process group: a crashed worker, no clean-up
+    os.killpg(int(handle.job_id), signal.SIGKILL)  # the launcher dies without clean-up: a crashed worker
     time.sleep(1)
+    assert job_processes(job_dir), "torchrun's workers outlive their launcher (each has a session of its own)"
     crashed = platform.get_training_status(handle)
     assert crashed.state is JobState.FAILED and "exited without a result" in crashed.message
     retry = platform.submit_training(spec, job_name="job-b")
     assert retry.extra["attempt"] == 2 and retry.job_id != handle.job_id
+    assert all(p.environ().get("LLMOPS_RUN_KEY") == "job-b" for p in job_processes(job_dir))
     status = _wait(platform, retry)
     assert status.state is JobState.SUCCEEDED, platform.describe_training(retry)
     final = json.loads((job_dir / "status.json").read_text())
@@ -92,11 +96,13 @@ def test_a_killed_job_restarts_in_place_and_resumes_from_its_checkpoint(tmp_path
 def test_cancel_stops_the_whole_process_group(tmp_path, dataset):
     platform = get_platform("local", jobs_root=str(tmp_path))
     handle = platform.submit_training(_spec(dataset, max_steps=500), job_name="job-c")
-    time.sleep(3)
+    job_dir = tmp_path / "job-c"
+    deadline = time.monotonic() + 120
+    while len(job_processes(job_dir)) < 3:  # the launcher and its two workers
+        assert time.monotonic() < deadline, platform.describe_training(handle)
+        time.sleep(0.5)
     platform.cancel_training(handle)
-    pgid = int(handle.job_id)
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pgid, 0)
+    assert job_processes(job_dir) == []
     assert platform.get_training_status(handle).state is JobState.FAILED
 
 
