@@ -56,6 +56,7 @@ class TrainModelOperator(LLMOpsBaseOperator):
         "spec",
         "dataset_uri",
         "mlflow_tracking_uri",
+        "jobs_root",
     )
     operator_extra_links = (MLflowRunLink(),)
     ui_color = "#f0e6ff"

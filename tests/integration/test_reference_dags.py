@@ -81,6 +81,10 @@ def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db):
     )
     assert len(manifest["splits"]["train"]["labels"]) == 16
 
+    trained = run.get_task_instance("train").xcom_pull(task_ids="train")
+    assert Path(trained["model_uri"], "model.safetensors").is_file()
+    assert trained["metrics"]["eval_accuracy"] > 1 / 16  # better than chance after 60 steps
+
 
 def test_bad_params_fail_the_plan_task_with_the_field_named(airflow_db, capfd):
     from dags_under_test import load_dag
