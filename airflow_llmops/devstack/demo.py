@@ -38,6 +38,9 @@ class Demo:
         self.mlflow_url = f"http://127.0.0.1:{self.mlflow_port}"
         self.env = airflow_env(self.home, root / "dags", port=port)
         self.env["AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI"] = self.mlflow_url
+        # Unpausing would also start the daily run of the latest interval, and with max_active_runs=1 the
+        # demo's own run would wait for it. Manual runs still run; a deployment keeps its schedule on.
+        self.env["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = "False"
         self.url = f"http://127.0.0.1:{port}"
 
     def running_pid(self, pid_file: Path | None = None) -> int | None:

@@ -96,7 +96,10 @@ class PrepareDatasetOperator(LLMOpsBaseOperator):
 
         if not self.tokenizer:
             return None, "whitespace"
-        tokenizer = load_tokenizer(self.tokenizer)
+        try:
+            tokenizer = load_tokenizer(self.tokenizer)
+        except ValueError as err:  # a wrong model name: retrying cannot fix it
+            raise AirflowFailException(str(err)) from None
         if tokenizer is None:
             return None, "whitespace"
 

@@ -57,13 +57,14 @@ def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str
         "AIRFLOW__CELERY__RESULT_BACKEND": result_backend,
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
         "AIRFLOW__LLMOPS__ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",  # only the run the test triggers
     }
     components = ("api-server", "scheduler", "dag-processor", "celery worker")
     with AirflowCluster(tmp_path / "home", DAGS, extra_env=env, components=components) as cluster:
         client = cluster.client
         client.wait_for_dag("llmops_local", timeout=240)
         client.unpause("llmops_local")
-        run_id = client.trigger("llmops_local", {"rollout_strategy": "blue_green", "model": "my-org/my-model"})
+        run_id = client.trigger("llmops_local", {"rollout_strategy": "blue_green", "max_steps": 20})
         state = client.wait_for_run("llmops_local", run_id, timeout=300, check=cluster.assert_alive)
         cluster.assert_alive()
         tis = {ti["task_id"]: ti for ti in client.task_instances("llmops_local", run_id)}
@@ -75,6 +76,9 @@ def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str
         assert "execute_workload" in worker_log or "airflow.providers.celery" in worker_log, worker_log[-2000:]
         plan = client.xcom("llmops_local", run_id, "plan")
         assert plan["specs"]["rollout"]["strategy"] == "blue_green"
-        assert plan["specs"]["training"]["model"] == "my-org/my-model"
+        assert plan["specs"]["training"]["max_steps"] == 20
+        trained = client.xcom("llmops_local", run_id, "train")
+        assert trained["metrics"]["train_tokens"] > 0 and Path(trained["model_uri"]).is_dir()
         assert Path(plan["plan_uri"].removeprefix("file://")).is_file()
+        assert tis["train"]["state"] == "success" and tis["validate"]["state"] == "success"
         assert os.path.commonpath([plan["plan_uri"].removeprefix("file://"), str(tmp_path)]) == str(tmp_path)
