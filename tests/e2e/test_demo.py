@@ -60,7 +60,7 @@ def test_demo_runs_the_pipeline_and_reuses_airflow_on_rerun(tmp_path: Path):
     while port_open(port + 1):
         port = free_port()
     try:
-        first = _demo(tmp_path, port)
+        first = _demo(tmp_path, port, "--conf", json.dumps({"max_steps": 10}))
         log = (tmp_path / ".airflow" / "standalone.log").read_text(errors="replace")[-3000:]
         assert first.returncode == 0, first.stdout + first.stderr + log
         assert "starting airflow standalone" in first.stdout
@@ -72,7 +72,7 @@ def test_demo_runs_the_pipeline_and_reuses_airflow_on_rerun(tmp_path: Path):
         # Unpausing also lets the daily schedule create its latest run; the demo's own runs are manual.
         assert len(plans) == 1 and json.loads(plans[0].read_text())["platform"] == "local"
 
-        second = _demo(tmp_path, port, "--conf", json.dumps({"rollout_strategy": "shadow"}))
+        second = _demo(tmp_path, port, "--conf", json.dumps({"rollout_strategy": "shadow", "max_steps": 10}))
         assert second.returncode == 0, second.stdout + second.stderr
         assert "reusing the Airflow already running" in second.stdout
         plans = sorted((tmp_path / ".llmops" / "artifacts" / "llmops_local").glob("manual__*/plan.json"))
