@@ -52,6 +52,24 @@ def require_service(name: str, host: str, port: int) -> None:
     pytest.skip(message)
 
 
+def prepare_chatterbot(
+    folder: Path, *, kind: str = "classification", topics: str = "ai,food,greetings,money", **split: float
+) -> Path:
+    """A small prepared dataset (the data stage's real code) from the bundled dialog corpus."""
+    from airflow_llmops.ml.data.chatterbot import load_chatterbot
+    from airflow_llmops.ml.data.prepare import prepare_records, serialise
+    from airflow_llmops.specs import DatasetSpec
+
+    uri = f"chatterbot://english?topics={topics}"
+    task = "classification" if kind == "classification" else "causal_lm"
+    spec = DatasetSpec(name=folder.name, source=uri, task=task, split=split or {})
+    records = load_chatterbot(uri, kind="classification" if kind == "classification" else "dialog")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in serialise(prepare_records(records, spec)).items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def airflow_home() -> Path:
     return _HOME

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import prepare_chatterbot
 
 from airflow_llmops.platforms import JobState, get_platform
 from airflow_llmops.platforms.base import JobHandle
@@ -20,15 +21,7 @@ from airflow_llmops.specs import TrainingSpec
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from airflow_llmops.ml.data.chatterbot import load_chatterbot
-    from airflow_llmops.ml.data.prepare import prepare_records, serialise
-    from airflow_llmops.specs import DatasetSpec
-
-    folder = tmp_path_factory.mktemp("dataset")
-    spec = DatasetSpec(name="small", source="chatterbot://english?topics=ai,food,greetings,money")
-    for name, data in serialise(prepare_records(load_chatterbot(spec.source), spec)).items():
-        (folder / name).write_bytes(data)
-    return folder
+    return prepare_chatterbot(tmp_path_factory.mktemp("dataset"), topics="ai,food,greetings,money")
 
 
 def _spec(dataset: Path, **overrides) -> TrainingSpec:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import prepare_chatterbot
 
 from airflow_llmops.specs.training import TrainingSpec
 
@@ -35,29 +36,16 @@ PROGRESS_FIELDS = {
 TIMEOUT = 240
 
 
-def _prepare(folder: Path, *, kind: str, topics: str = "ai,food,greetings,money", **split: float) -> Path:
-    from airflow_llmops.ml.data.chatterbot import load_chatterbot
-    from airflow_llmops.ml.data.prepare import prepare_records, serialise
-    from airflow_llmops.specs import DatasetSpec
-
-    uri = f"chatterbot://english?topics={topics}"
-    task = "classification" if kind == "classification" else "causal_lm"
-    spec = DatasetSpec(name=folder.name, source=uri, task=task, split=split or {})
-    records = load_chatterbot(uri, kind="classification" if kind == "classification" else "dialog")
-    folder.mkdir(parents=True)
-    for name, data in serialise(prepare_records(records, spec)).items():
-        (folder / name).write_bytes(data)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("datasets")
     return {
-        "topics": _prepare(root / "topics", kind="classification"),
-        "dialog": _prepare(root / "dialog", kind="dialog"),
-        "no_validation": _prepare(root / "no_validation", kind="classification", train=0.9, validation=0.0, test=0.1),
-        "two_topics": _prepare(root / "two_topics", kind="classification", topics="ai,food"),
+        "topics": prepare_chatterbot(root / "topics", kind="classification"),
+        "dialog": prepare_chatterbot(root / "dialog", kind="dialog"),
+        "no_validation": prepare_chatterbot(
+            root / "no_validation", kind="classification", train=0.9, validation=0.0, test=0.1
+        ),
+        "two_topics": prepare_chatterbot(root / "two_topics", kind="classification", topics="ai,food"),
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import prepare_chatterbot
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +19,7 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    from airflow_llmops.ml.data.chatterbot import load_chatterbot
-    from airflow_llmops.ml.data.prepare import prepare_records, serialise
-    from airflow_llmops.specs import DatasetSpec
-
-    folder = tmp_path_factory.mktemp("dataset")
-    spec = DatasetSpec(name="small", source="chatterbot://english?topics=ai,food,greetings")
-    for name, data in serialise(prepare_records(load_chatterbot(spec.source), spec)).items():
-        (folder / name).write_bytes(data)
-    return folder
+    return prepare_chatterbot(tmp_path_factory.mktemp("dataset"), topics="ai,food,greetings")
 
 
 def _run(conf):
