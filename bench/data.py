@@ -22,8 +22,8 @@ from typing import Any
 import pandas as pd
 
 from airflow_llmops.ml.data.prepare import prepare_records
-from airflow_llmops.ml.data.validate import _plan, validate_dataset
-from airflow_llmops.ml.data.validation_suite import SuiteLayout, builtin_expectations, quiet_gx, run_suite
+from airflow_llmops.ml.data.validate import _plan, suite_layout, validate_dataset
+from airflow_llmops.ml.data.validation_suite import builtin_expectations, quiet_gx, run_suite
 from airflow_llmops.specs import DatasetSpec, ValidationSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,15 +104,7 @@ def bench_size(n: int) -> dict[str, Any]:
         validate_s = time.perf_counter() - t0
 
         plan = _plan(frame, vspec, builtin=True)
-        layout = SuiteLayout(
-            text_columns=plan.text_columns,
-            present_text=plan.present_text,
-            label=plan.label,
-            label_domain=plan.label_domain,
-            token_column=plan.token_column,
-            token_source=plan.token_source,
-        )
-        expectations = builtin_expectations(layout, vspec)
+        expectations = builtin_expectations(suite_layout(plan), vspec)
         with quiet_gx():
             t0 = time.perf_counter()
             gx_result = run_suite(plan.gx_frame, "bench", expectations, Path(tmp) / "docs2", 5)

@@ -17,15 +17,18 @@ if TYPE_CHECKING:
 _RUN_SAFE = re.compile(r"[^A-Za-z0-9_.=-]+")
 
 
+def airflow_home() -> str:
+    """Absolute ``[core] airflow_home`` (``$AIRFLOW_HOME``, default ``~/airflow``)."""
+    home = conf.get("core", "airflow_home", fallback="") or os.environ.get("AIRFLOW_HOME", "~/airflow")
+    return os.path.abspath(os.path.expanduser(home))
+
+
 def default_artifact_root() -> str:
     """``[llmops] artifact_root``, else ``$LLMOPS_ARTIFACT_ROOT``, else ``$AIRFLOW_HOME/llmops/artifacts``."""
     configured = conf.get("llmops", "artifact_root", fallback="") or os.environ.get("LLMOPS_ARTIFACT_ROOT", "")
     if configured:
         return configured
-    home = conf.get("core", "airflow_home", fallback="") or os.environ.get(
-        "AIRFLOW_HOME", os.path.expanduser("~/airflow")
-    )
-    return f"file://{os.path.abspath(os.path.join(home, 'llmops', 'artifacts'))}"
+    return f"file://{os.path.join(airflow_home(), 'llmops', 'artifacts')}"
 
 
 def as_storage_path(uri: str, conn_id: str | None = None) -> ObjectStoragePath:

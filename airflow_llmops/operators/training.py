@@ -12,7 +12,7 @@ from airflow.sdk import conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_llmops.links.mlflow import MLflowRunLink, mlflow_run_url
-from airflow_llmops.operators.base import LLMOpsBaseOperator
+from airflow_llmops.operators.base import LLMOpsBaseOperator, airflow_home
 from airflow_llmops.platforms.base import JobHandle, JobState, JobStatus
 from airflow_llmops.specs import SpecValidationError, TrainingSpec
 
@@ -30,8 +30,7 @@ def default_local_jobs_root() -> str:
     configured = conf.get("llmops", "local_jobs_root", fallback="")
     if configured:
         return configured
-    home = conf.get("core", "airflow_home", fallback="") or os.environ.get("AIRFLOW_HOME", "~/airflow")
-    return os.path.join(os.path.expanduser(home), "llmops", "jobs")
+    return os.path.join(airflow_home(), "llmops", "jobs")
 
 
 class TrainModelOperator(LLMOpsBaseOperator):

@@ -90,19 +90,26 @@ def validate_dataset(
     report_dir.mkdir(parents=True, exist_ok=True)
     with quiet_gx():
         if suite is None:
-            layout = SuiteLayout(
-                text_columns=plan.text_columns,
-                present_text=plan.present_text,
-                label=plan.label,
-                label_domain=plan.label_domain,
-                token_column=plan.token_column,
-                token_source=plan.token_source,
+            name, expectations = (
+                BUILTIN_SUITE,
+                [*builtin_expectations(suite_layout(plan), spec), *(extra_expectations or [])],
             )
-            name, expectations = BUILTIN_SUITE, [*builtin_expectations(layout, spec), *(extra_expectations or [])]
         else:
             name, expectations = suite.name, list(suite.expectations)
         gx_result = run_suite(plan.gx_frame, name, expectations, report_dir, spec.example_rows)
     return _result(plan, spec, gx_result, name, report_dir)
+
+
+def suite_layout(plan: _Plan) -> SuiteLayout:
+    """What the built-in suite needs to know about a planned frame."""
+    return SuiteLayout(
+        text_columns=plan.text_columns,
+        present_text=plan.present_text,
+        label=plan.label,
+        label_domain=plan.label_domain,
+        token_column=plan.token_column,
+        token_source=plan.token_source,
+    )
 
 
 def _text_columns(df: pd.DataFrame, spec: ValidationSpec) -> list[str]:
