@@ -7,6 +7,10 @@ from the newest complete one), ``model/`` (unless ``output_uri`` is set) and, at
 
 Exit codes: 0 succeeded; 2 bad input (spec, data, model, memory: the message says what to change); 1 any other
 failure. Either way rank 0 leaves ``{"state": "failed", "message": ...}`` in ``status.json``.
+
+Several nodes (``torchrun --nnodes N``): each node's first process writes that node's ``status.json``; the node
+holding global rank 0 has the model and the metrics, the others record ``"role": "worker-node"``. Resuming a
+multi-node job needs the checkpoints on a filesystem every node reads.
 """
 
 from __future__ import annotations
@@ -52,9 +56,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def _report_failure(job: JobDir, rank: int, message: str) -> None:
+def _report_failure(job: JobDir, local_rank: int, message: str) -> None:
     print(f"[train] failed: {message}", file=sys.stderr, flush=True)
-    if rank != 0:
+    if local_rank != 0:
         return
     try:
         job.write_status({"state": "failed", "message": message})
@@ -76,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     job = JobDir(Path(args.job_dir).resolve())
     rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
         spec = load_spec(args.spec)
     except (OSError, SpecValidationError) as err:
-        _report_failure(job, rank, f"cannot read the training spec {args.spec!r}: {err}")
+        _report_failure(job, local_rank, f"cannot read the training spec {args.spec!r}: {err}")
         return TrainingInputError.exit_code
     quiet_libraries()
     configure_threads()
@@ -94,17 +99,29 @@ def main(argv: list[str] | None = None) -> int:
 
         status = run(spec, job, (where, prepared))
     except TrainingInputError as err:
-        _report_failure(job, rank, str(err))
+        _report_failure(job, local_rank, str(err))
         return TrainingInputError.exit_code
     except Exception as err:
         traceback.print_exc()
-        _report_failure(job, rank, f"{type(err).__name__}: {err} (the job's stderr has the traceback)")
+        _report_failure(job, local_rank, f"{type(err).__name__}: {err} (the job's stderr has the traceback)")
         return 1
     finally:
         _finish_distributed()
     if rank == 0:
         job.write_status(status)
         print(f"[train] succeeded: model at {status['model_uri']}", flush=True)
+    elif local_rank == 0:
+        node = os.environ.get("GROUP_RANK", "?")
+        job.write_status(
+            {
+                "state": "succeeded",
+                "role": "worker-node",
+                "node_rank": node,
+                "model_uri": None,
+                "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                "message": f"node {node} finished its share; the node with rank 0 holds the model",
+            }
+        )
     return 0
 
 

@@ -207,7 +207,7 @@ class LocalPlatform:
         if status and status.get("state") == "succeeded":
             return JobStatus(
                 state=JobState.SUCCEEDED,
-                message="training finished",
+                message=str(status.get("message") or "training finished"),
                 progress=1.0,
                 metrics={k: float(v) for k, v in (status.get("metrics") or {}).items() if isinstance(v, int | float)},
                 model_uri=status.get("model_uri"),

@@ -57,6 +57,9 @@ def test_submit_runs_torchrun_and_reattaches_instead_of_starting_twice(tmp_path,
     assert Path(status.model_uri).is_dir() and status.metrics["eval_accuracy"] >= 0
     described = platform.describe_training(handle)
     assert described["status"]["world_size"] == 2
+    # The logged loss is the job's mean loss, not world_size times it (4 labels: about ln 4 = 1.39 at the start).
+    first = json.loads((tmp_path / "job-a" / "progress.jsonl").read_text().splitlines()[0])
+    assert 0 < first["loss"] < 1.9, first
     finished = platform.submit_training(_spec(dataset), job_name="job-a")
     assert finished.extra["attempt"] == 1  # a finished job is not rerun
     assert JobHandle.from_dict(json.loads(json.dumps(handle.to_dict()))) == handle
@@ -84,6 +87,28 @@ def test_a_killed_job_restarts_in_place_and_resumes_from_its_checkpoint(tmp_path
     assert status.state is JobState.SUCCEEDED, platform.describe_training(retry)
     final = json.loads((job_dir / "status.json").read_text())
     assert final["resumed_from_step"] >= 5
+
+
+def test_two_torchrun_nodes_meet_over_a_loopback_rendezvous(tmp_path, dataset):
+    from airflow_llmops.processes import free_port
+
+    platform = get_platform("local", jobs_root=str(tmp_path))
+    endpoint = f"127.0.0.1:{free_port()}"
+    handles = []
+    for node in (0, 1):
+        distributed = {"nproc_per_node": 1, "nnodes": 2, "node_rank": node, "rdzv_endpoint": endpoint}
+        spec = _spec(dataset, max_steps=6, distributed=distributed)
+        handles.append(platform.submit_training(spec, job_name=f"node-{node}"))
+    results = [_wait(platform, handle) for handle in handles]
+    assert [r.state for r in results] == [JobState.SUCCEEDED] * 2, [platform.describe_training(h) for h in handles]
+    # The rendezvous, not --node_rank, decides which node gets global rank 0: it holds the model and metrics.
+    main = [r for r in results if r.model_uri]
+    assert len(main) == 1 and Path(main[0].model_uri).is_dir() and "eval_accuracy" in main[0].metrics
+    statuses = [platform.describe_training(h)["status"] for h in handles]
+    assert all(s["world_size"] == 2 for s in statuses)
+    assert sorted(s.get("role", "main") for s in statuses) == ["main", "worker-node"]
+    for handle in handles:
+        assert "--rdzv_endpoint" in platform.describe_training(handle)["launcher"]["argv"]
 
 
 def test_cancel_stops_the_whole_process_group(tmp_path, dataset):

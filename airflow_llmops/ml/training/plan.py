@@ -29,10 +29,16 @@ class Placement:
     world_size: int
     cuda: bool
     backend: str
+    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def is_node_main(self) -> bool:
+        """The first process of this host: the keeper of this node's job folder (status, when it is not rank 0)."""
+        return self.local_rank == 0
 
     @classmethod
     def from_env(cls, spec: TrainingSpec) -> Placement:
@@ -42,7 +48,10 @@ class Placement:
             backend = "nccl" if cuda else "gloo"
         if backend == "nccl" and not cuda:
             raise TrainingInputError("distributed.backend='nccl' needs CUDA GPUs; use 'gloo' (or 'auto') on CPU")
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), cuda, backend)
+        env = os.environ
+        return cls(
+            int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), cuda, backend, int(env.get("LOCAL_RANK", "0"))
+        )
 
 
 @dataclass
@@ -83,7 +92,7 @@ def preflight(spec: TrainingSpec, job: JobDir, where: Placement) -> Prepared:
         local_processes=local_world_size(),
     )
     output = resolve_output(spec.output_uri, job.model)
-    if where.is_main:
+    if where.is_node_main:
         job.root.mkdir(parents=True, exist_ok=True)
         job.clear_status()
         job.remove_incomplete_checkpoints()

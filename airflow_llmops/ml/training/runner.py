@@ -57,6 +57,10 @@ def training_arguments(spec: TrainingSpec, job: JobDir, where: Placement, source
         bf16=spec.precision == "bf16",
         fp16=spec.precision == "fp16",
         include_num_input_tokens_seen="non_padding",
+        # The Trainer multiplies the loss by the world size when it divides by the tokens of all ranks; the
+        # classification heads ignore that count and average per batch, so there the loss (and gradient) would
+        # come out world_size times too large under DDP.
+        average_tokens_across_devices=spec.task == "causal_lm",
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_backend=where.backend if where.world_size > 1 else None,
