@@ -127,6 +127,14 @@ class LocalPlatform:
         # No GPU: two CPU processes with gloo, which on a 2-core machine matches one process with 2 threads.
         return gpus or 2
 
+    @staticmethod
+    def rendezvous_id(spec: TrainingSpec) -> str:
+        """The same on every node of a job (the spec less its node_rank), different for another job."""
+        import hashlib
+
+        shared = spec.model_copy(update={"distributed": spec.distributed.model_copy(update={"node_rank": 0})})
+        return "llmops-" + hashlib.sha256(shared.to_json().encode()).hexdigest()[:16]
+
     def command(self, spec: TrainingSpec, job_dir: Path, *, master_port: int | None = None) -> list[str]:
         dist = spec.distributed
         argv = [self.python, "-m", "torch.distributed.run", "--nproc_per_node", str(self.nproc(spec))]
@@ -141,7 +149,7 @@ class LocalPlatform:
                 "--rdzv_endpoint",
                 str(dist.rdzv_endpoint),
                 "--rdzv_id",
-                dist.rdzv_id or job_dir.name,
+                dist.rdzv_id or self.rendezvous_id(spec),
             ]
         else:
             argv += ["--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(master_port or 0)]
