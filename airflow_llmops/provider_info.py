@@ -29,6 +29,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_llmops.operators.plan",
                     "airflow_llmops.operators.data",
                     "airflow_llmops.operators.training",
+                    "airflow_llmops.operators.tuning",
                 ],
             },
         ],

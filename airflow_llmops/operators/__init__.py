@@ -4,11 +4,13 @@ from airflow_llmops.operators.base import LLMOpsBaseOperator
 from airflow_llmops.operators.data import PrepareDatasetOperator, ValidateDatasetOperator
 from airflow_llmops.operators.plan import PlanRunOperator
 from airflow_llmops.operators.training import TrainModelOperator
+from airflow_llmops.operators.tuning import TuneHyperparametersOperator
 
 __all__ = [
     "LLMOpsBaseOperator",
     "PlanRunOperator",
     "PrepareDatasetOperator",
     "TrainModelOperator",
+    "TuneHyperparametersOperator",
     "ValidateDatasetOperator",
 ]

@@ -6,6 +6,7 @@ from airflow_llmops.specs.drift import DriftPolicy
 from airflow_llmops.specs.quantization import QuantizationSpec
 from airflow_llmops.specs.rollout import SLO, RolloutPlan
 from airflow_llmops.specs.training import DistributedSpec, LoraSpec, TrainingSpec
+from airflow_llmops.specs.tuning import ParamRange, TuningSpec
 from airflow_llmops.specs.validation import ValidationSpec
 
 __all__ = [
@@ -14,11 +15,13 @@ __all__ = [
     "DistributedSpec",
     "DriftPolicy",
     "LoraSpec",
+    "ParamRange",
     "QuantizationSpec",
     "RolloutPlan",
     "Spec",
     "SpecValidationError",
     "SplitSpec",
     "TrainingSpec",
+    "TuningSpec",
     "ValidationSpec",
 ]

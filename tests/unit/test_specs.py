@@ -141,3 +141,34 @@ def test_specs_are_immutable():
     spec = TrainingSpec()
     with pytest.raises(Exception, match="frozen"):
         spec.epochs = 3  # type: ignore[misc]
+
+
+def test_tuning_spec_checks_its_search_space_and_builds_trial_specs():
+    from airflow_llmops.specs import TuningSpec
+
+    spec = TuningSpec.parse(
+        {
+            "search_space": {
+                "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+                "lora.r": {"type": "categorical", "choices": [4, 8]},
+            },
+            "metric": "eval_loss",
+        }
+    )
+    assert spec.resolved_direction == "minimize"
+    trial = spec.trial_training({"learning_rate": 2e-4, "lora.r": 4})
+    assert trial.learning_rate == 2e-4 and trial.lora is not None and trial.lora.r == 4
+    assert TuningSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(SpecValidationError, match=r"\['learning_rte'\], which are not TrainingSpec fields"):
+        TuningSpec.parse({"search_space": {"learning_rte": {"type": "float", "low": 0.1, "high": 0.2}}})
+    with pytest.raises(SpecValidationError, match="log-scaled range needs low > 0"):
+        TuningSpec.parse({"search_space": {"learning_rate": {"type": "float", "low": 0, "high": 0.2, "log": True}}})
+    with pytest.raises(SpecValidationError, match="outside the search space"):
+        TuningSpec.parse(
+            {
+                "search_space": {"learning_rate": {"type": "float", "low": 0.1, "high": 0.2}},
+                "initial_trials": [{"epochs": 2}],
+            }
+        )
+    with pytest.raises(SpecValidationError, match="learning_rate"):  # a sampled value the training spec refuses
+        spec.trial_training({"learning_rate": 5.0})

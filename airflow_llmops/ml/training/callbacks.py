@@ -21,6 +21,10 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
+def _short(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in sorted(metrics.items()) if "runtime" not in k)
+
+
 class ProgressCallback(TrainerCallback):
     """Writes a progress record every ``logging_steps`` optimizer steps and one (``"final": true``) at the end.
 
@@ -69,7 +73,14 @@ class ProgressCallback(TrainerCallback):
         logs: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
+        if not state.is_world_process_zero or not logs:
+            return
+        evaluation = {k: float(v) for k, v in logs.items() if k.startswith("eval_") and isinstance(v, int | float)}
+        if evaluation:  # evaluation during training (eval_every_steps): the learning curve on validation
+            self.echo(f"[train] step {state.global_step} validation: " + _short(evaluation))
+            if self.metrics_sink is not None:
+                self.metrics_sink(state.global_step, evaluation)
+        if "loss" not in logs:
             return
         self._last_loss = logs["loss"]
         self._last_lr = logs.get("learning_rate")

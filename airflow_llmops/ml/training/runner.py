@@ -10,7 +10,7 @@ import contextlib
 from typing import Any
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
 from airflow_llmops.ml.training import data as D
@@ -29,7 +29,9 @@ from airflow_llmops.specs.training import TrainingSpec
 hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
-def training_arguments(spec: TrainingSpec, job: JobDir, where: Placement, source: M.ModelSource) -> TrainingArguments:
+def training_arguments(
+    spec: TrainingSpec, job: JobDir, where: Placement, source: M.ModelSource, eval_every_steps: int | None = None
+) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(job.checkpoints),
         per_device_train_batch_size=spec.per_device_batch_size,
@@ -45,7 +47,8 @@ def training_arguments(spec: TrainingSpec, job: JobDir, where: Placement, source
         save_strategy="steps",
         save_steps=spec.checkpoint_every_steps,
         save_total_limit=2,
-        eval_strategy="no",
+        eval_strategy="steps" if eval_every_steps else "no",
+        eval_steps=eval_every_steps,
         prediction_loss_only=spec.task == "causal_lm",  # perplexity needs the loss only, not the logits
         report_to=[],  # MLflow is driven directly (tracking.py), with a run identity that survives retries
         disable_tqdm=True,
@@ -96,22 +99,35 @@ def tokenized(
     return tokenizer, train, valid
 
 
-def run(spec: TrainingSpec, job: JobDir, plan: tuple[Placement, Prepared] | None = None) -> dict[str, Any]:
+def run(
+    spec: TrainingSpec,
+    job: JobDir,
+    plan: tuple[Placement, Prepared] | None = None,
+    *,
+    callbacks: list[TrainerCallback] | None = None,
+    eval_every_steps: int | None = None,
+    tags: dict[str, str] | None = None,
+    log_model: bool = True,
+) -> dict[str, Any]:
     """Train, evaluate and save; returns the final status (written by the caller on rank 0). ``plan`` is the
-    result of :func:`~airflow_llmops.ml.training.plan.preflight` where the caller already ran it."""
+    result of :func:`~airflow_llmops.ml.training.plan.preflight` where the caller already ran it.
+
+    ``callbacks`` join the Trainer's (the tuner's pruning callback), ``eval_every_steps`` evaluates on the
+    validation split during training, ``tags`` go on the MLflow run, ``log_model=False`` keeps the model out of
+    MLflow's artifacts (a tuning trial: only the best one is uploaded, to the study's run)."""
     if plan is None:
         where = Placement.from_env(spec)
         plan = where, preflight(spec, job, where)
     where, prep = plan
     if where.is_main and prep.resume is not None:
         print(f"[train] resuming from checkpoint {prep.resume.path} (step {prep.resume.step})", flush=True)
-    args = training_arguments(spec, job, where, prep.source)
+    args = training_arguments(spec, job, where, prep.source, eval_every_steps)
     tokenizer, train_set, valid_set = tokenized(spec, prep, job, args)
     for note in prep.notes if where.is_main else []:
         print(f"[train] note: {note}", flush=True)
     set_seed(spec.seed)  # the new head (or the whole tiny model) starts from the same weights on every rank
     model = M.build_model(spec, prep.source, tokenizer, prep.label2id)
-    tracker = _start_tracking(spec, job, prep, where)
+    tracker = _start_tracking(spec, job, prep, where, tags or {})
     try:
         status = _train_and_save(
             spec=spec,
@@ -124,6 +140,8 @@ def run(spec: TrainingSpec, job: JobDir, plan: tuple[Placement, Prepared] | None
             train_set=train_set,
             valid_set=valid_set,
             tracker=tracker,
+            callbacks=callbacks or [],
+            log_model=log_model,
         )
     except BaseException:
         if tracker is not None:
@@ -136,10 +154,17 @@ def run(spec: TrainingSpec, job: JobDir, plan: tuple[Placement, Prepared] | None
     return status
 
 
-def _start_tracking(spec: TrainingSpec, job: JobDir, prep: Prepared, where: Placement) -> MlflowTracker | None:
+def _start_tracking(
+    spec: TrainingSpec, job: JobDir, prep: Prepared, where: Placement, extra_tags: dict[str, str]
+) -> MlflowTracker | None:
     if not where.is_main:
         return None
-    tags = {"llmops.dataset": prep.splits.name, "llmops.model": prep.source.name, "llmops.task": spec.task}
+    tags = {
+        "llmops.dataset": prep.splits.name,
+        "llmops.model": prep.source.name,
+        "llmops.task": spec.task,
+        **extra_tags,
+    }
     tracker = MlflowTracker.start(spec.mlflow_experiment, tags=tags)
     if tracker is not None:
         job.write_json(job.mlflow, tracker.ui_info())
@@ -160,6 +185,8 @@ def _train_and_save(
     train_set: D.TokenizedDataset,
     valid_set: D.TokenizedDataset,
     tracker: MlflowTracker | None,
+    callbacks: list[TrainerCallback],
+    log_model: bool,
 ) -> dict[str, Any]:
     writer = ProgressWriter(job.progress) if where.is_main else None
     progress = ProgressCallback(
@@ -175,7 +202,7 @@ def _train_and_save(
         data_collator=D.PadCollator(tokenizer.pad_token_id, causal_lm=spec.task == "causal_lm"),
         processing_class=tokenizer,
         compute_metrics=classification_metrics if spec.task == "classification" else None,
-        callbacks=[progress],
+        callbacks=[progress, *callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # its raw dicts would duplicate the progress lines
     meter = EnergyMeter()
@@ -200,7 +227,8 @@ def _train_and_save(
     model_uri = prep.output.publish()
     if tracker is not None:
         tracker.log_metrics(trainer.state.global_step, metrics)
-        tracker.log_model(str(prep.output.local))
+        if log_model:
+            tracker.log_model(str(prep.output.local))
     return {
         "state": "succeeded",
         "model_uri": model_uri,
