@@ -56,7 +56,7 @@ def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db):
     from dags_under_test import load_dag
 
     dag = load_dag("llmops_local")
-    run = dag.test(run_conf={"rollout_strategy": "linear", "learning_rate": 1e-4})
+    run = dag.test(run_conf={"rollout_strategy": "linear", "learning_rate": 1e-4, "max_steps": 60})
     assert run.state == "success"
     plan_files = sorted((airflow_db / "artifacts" / "llmops_local").glob("*/plan.json"))
     assert plan_files
