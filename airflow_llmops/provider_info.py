@@ -30,6 +30,9 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_llmops.operators.data",
                     "airflow_llmops.operators.training",
                     "airflow_llmops.operators.tuning",
+                    "airflow_llmops.operators.quantization",
+                    "airflow_llmops.operators.evaluation",
+                    "airflow_llmops.operators.registry",
                 ],
             },
         ],
@@ -43,7 +46,10 @@ def get_provider_info() -> dict[str, Any]:
         "extra-links": [
             "airflow_llmops.links.artifacts.DatasetLink",
             "airflow_llmops.links.artifacts.ValidationReportLink",
+            "airflow_llmops.links.artifacts.EvaluationReportLink",
+            "airflow_llmops.links.artifacts.QuantizationReportLink",
             "airflow_llmops.links.mlflow.MLflowRunLink",
+            "airflow_llmops.links.mlflow.RegisteredModelLink",
         ],
         "connection-types": [],
         "config": {

@@ -85,3 +85,27 @@ def airflow_db(airflow_home: Path) -> Path:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_HOME, ignore_errors=True)
+
+
+def train_classifier(job_dir: Path, dataset: Path, *, steps: int = 40, learning_rate: float = 3e-4) -> Path:
+    """A small fine-tuned MiniLM classifier (the training entry point, one process); returns its model folder."""
+    import json
+    import subprocess
+    import sys
+
+    from airflow_llmops.specs import TrainingSpec
+
+    spec = TrainingSpec(
+        dataset_uri=str(dataset),
+        max_steps=steps,
+        learning_rate=learning_rate,
+        per_device_batch_size=16,
+        max_seq_length=32,
+        checkpoint_every_steps=10_000,
+        log_every_steps=10,
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    argv = [sys.executable, "-m", "airflow_llmops.ml.train", "--spec", spec.to_json(), "--job-dir", str(job_dir)]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Path(json.loads((job_dir / "status.json").read_text())["model_uri"])

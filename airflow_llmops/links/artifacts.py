@@ -63,3 +63,11 @@ class ValidationReportLink(_XComLink):
 
 class DatasetLink(_XComLink):
     label = "Prepared dataset"
+
+
+class EvaluationReportLink(_XComLink):
+    label = "Evaluation report"
+
+
+class QuantizationReportLink(_XComLink):
+    label = "Quantization report"

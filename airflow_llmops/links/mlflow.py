@@ -17,3 +17,13 @@ def mlflow_run_url(tracking_uri: str, experiment_id: str | None, run_id: str) ->
 
 class MLflowRunLink(_XComLink):
     label = "MLflow run"
+
+
+class RegisteredModelLink(_XComLink):
+    label = "MLflow model version"
+
+
+def mlflow_model_version_url(tracking_uri: str, name: str, version: str) -> str | None:
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/models/{name}/versions/{version}"

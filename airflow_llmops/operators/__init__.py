@@ -2,14 +2,21 @@
 
 from airflow_llmops.operators.base import LLMOpsBaseOperator
 from airflow_llmops.operators.data import PrepareDatasetOperator, ValidateDatasetOperator
+from airflow_llmops.operators.evaluation import EvaluateModelOperator
 from airflow_llmops.operators.plan import PlanRunOperator
+from airflow_llmops.operators.quantization import QuantizeModelOperator
+from airflow_llmops.operators.registry import PromoteModelOperator, RegisterModelOperator
 from airflow_llmops.operators.training import TrainModelOperator
 from airflow_llmops.operators.tuning import TuneHyperparametersOperator
 
 __all__ = [
+    "EvaluateModelOperator",
     "LLMOpsBaseOperator",
     "PlanRunOperator",
     "PrepareDatasetOperator",
+    "PromoteModelOperator",
+    "QuantizeModelOperator",
+    "RegisterModelOperator",
     "TrainModelOperator",
     "TuneHyperparametersOperator",
     "ValidateDatasetOperator",

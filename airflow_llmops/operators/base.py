@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, ObjectStoragePath, conf
@@ -38,6 +39,22 @@ def as_storage_path(uri: str, conn_id: str | None = None) -> ObjectStoragePath:
     if conn_id and not uri.startswith("file://"):
         return ObjectStoragePath(uri, conn_id=conn_id)
     return ObjectStoragePath(uri)
+
+
+def upload_tree(local: Path, target: ObjectStoragePath) -> None:
+    """Copy a local folder to an object-store path, file by file."""
+    for file in sorted(local.rglob("*")):
+        if file.is_file():
+            dest = target / file.relative_to(local).as_posix()
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(file.read_bytes())
+
+
+def local_folder(path: ObjectStoragePath) -> Path | None:
+    """The local filesystem path of a ``file://`` storage path; None for a remote one."""
+    if path.protocol not in ("file", "local"):
+        return None
+    return Path(path.path)
 
 
 class LLMOpsBaseOperator(BaseOperator):

@@ -12,7 +12,7 @@ from airflow.sdk import Asset, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_llmops.links.artifacts import DatasetLink, ValidationReportLink
-from airflow_llmops.operators.base import LLMOpsBaseOperator, as_storage_path
+from airflow_llmops.operators.base import LLMOpsBaseOperator, as_storage_path, upload_tree
 from airflow_llmops.specs import DatasetSpec, SpecValidationError, ValidationSpec
 from airflow_llmops.uris import display_uri
 
@@ -234,7 +234,7 @@ class ValidateDatasetOperator(LLMOpsBaseOperator):
             except ValueError as err:
                 raise AirflowFailException(f"cannot validate {self.dataset_uri}: {err}") from None
             if result.report_dir is not None:
-                _upload_tree(Path(result.report_dir), report)
+                upload_tree(Path(result.report_dir), report)
         summary = result.summary()
         summary.pop("report_dir", None)  # a temporary local folder; the report's home is the store
         summary["report_url"] = ValidationReportLink().persist(context, display_uri(report / "index.html"))
@@ -284,11 +284,3 @@ class ValidateDatasetOperator(LLMOpsBaseOperator):
             splits=splits, removed=removed, rejected_input=pd.DataFrame(), manifest=new_manifest
         )
         return serialise(validated)
-
-
-def _upload_tree(local: Path, target: ObjectStoragePath) -> None:
-    for file in sorted(local.rglob("*")):
-        if file.is_file():
-            dest = target / file.relative_to(local).as_posix()
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(file.read_bytes())

@@ -1,0 +1,76 @@
+"""The MLflow pyfunc wrapper of our models: ``mlflow.pyfunc.load_model("models:/name@champion").predict(texts)``.
+
+The registered artifact is the model folder itself (Hugging Face files, or a quantized artifact with its
+``quantization.json``), so the same files serve through MLflow, the local model server and the cloud images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+MODEL_ARTIFACT = "model_dir"
+
+
+class TextModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
+    """Classifier: texts → labels. Causal LM: prompts → greedy continuations (``max_new_tokens`` in params)."""
+
+    def load_context(self, context: Any) -> None:
+        folder = Path(context.artifacts[MODEL_ARTIFACT])
+        self._folder = folder
+        if (folder / "quantization.json").is_file():
+            from airflow_llmops.ml.quantization import load_quantized
+
+            self._predictor: Any = load_quantized(folder)
+            self._kind = "quantized"
+            return
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(str(folder))
+        self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if config.architectures and any(a.endswith("ForCausalLM") or "LMHead" in a for a in config.architectures):
+            from transformers import AutoModelForCausalLM
+
+            model: Any = AutoModelForCausalLM.from_pretrained(str(folder))
+            self._model = model.eval()
+            self._kind = "causal_lm"
+        else:
+            from transformers import AutoModelForSequenceClassification
+
+            self._model = AutoModelForSequenceClassification.from_pretrained(str(folder))  # type: ignore[no-redef]
+            self._model.eval()
+            self._kind = "classification"
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+        texts = _texts(model_input)
+        if self._kind == "quantized":
+            return [str(label) for label in self._predictor.predict(texts)]
+        import torch
+
+        with torch.inference_mode():
+            if self._kind == "classification":
+                batch = self._tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+                ids = self._model(**batch).logits.argmax(dim=-1).tolist()
+                return [str(self._model.config.id2label[int(i)]) for i in ids]
+            new_tokens = int((params or {}).get("max_new_tokens", 32))
+            out = []
+            for text in texts:
+                batch = self._tokenizer(text, return_tensors="pt")
+                generated = self._model.generate(
+                    **batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=self._tokenizer.pad_token_id
+                )
+                reply = self._tokenizer.decode(generated[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+                out.append(str(reply))
+            return out
+
+
+def _texts(model_input: Any) -> list[str]:
+    if isinstance(model_input, str):
+        return [model_input]
+    columns = getattr(model_input, "columns", None)
+    if columns is not None:  # a DataFrame: the "text" column, else the first one
+        column = "text" if "text" in columns else columns[0]
+        return [str(t) for t in model_input[column]]
+    return [str(t) for t in model_input]

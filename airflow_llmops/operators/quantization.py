@@ -1,0 +1,152 @@
+"""QuantizeModelOperator: quantize a trained model with several methods, measure each, and gate on quality."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_llmops.links.artifacts import QuantizationReportLink
+from airflow_llmops.operators.base import LLMOpsBaseOperator, local_folder, upload_tree
+from airflow_llmops.operators.training import default_mlflow_tracking_uri
+from airflow_llmops.specs import QuantizationSpec, SpecValidationError
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class QuantizeModelOperator(LLMOpsBaseOperator):
+    """Quantize ``model_uri`` with every method of ``spec`` and measure each against full precision.
+
+    For each method: on-disk size, p50/p95 latency per batch size, throughput and the quality metric's change on
+    the validation split. ``spec.choose`` gates: ``all_must_pass`` fails the task unless every method stays
+    within ``spec.max_quality_drop`` points; ``fastest_within_tolerance`` picks the fastest method that does (and
+    fails if none). The table goes to the task log, to MLflow (a run with one metric set per method) and, in
+    summary, to XCom with the chosen artifact's URI, ready for registration.
+
+    :param model_uri: saved model folder (the training task's ``model_uri``; templated).
+    :param dataset_uri: prepared dataset whose validation split is measured (templated).
+    :param spec: :class:`~airflow_llmops.specs.QuantizationSpec` or a mapping / JSON of one (templated).
+    :param mlflow_tracking_uri: where to log the comparison; default ``[llmops] mlflow_tracking_uri``.
+    """
+
+    template_fields: Sequence[str] = (
+        *LLMOpsBaseOperator.template_fields,
+        "model_uri",
+        "dataset_uri",
+        "spec",
+        "mlflow_tracking_uri",
+    )
+    operator_extra_links = (QuantizationReportLink(),)
+    ui_color = "#e0f2f1"
+
+    def __init__(
+        self,
+        *,
+        model_uri: str,
+        dataset_uri: str,
+        spec: QuantizationSpec | Mapping[str, Any] | str | None = None,
+        mlflow_tracking_uri: str | None = None,
+        experiment: str = "llmops",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.model_uri = model_uri
+        self.dataset_uri = dataset_uri
+        self.spec = spec
+        self.mlflow_tracking_uri = mlflow_tracking_uri
+        self.experiment = experiment
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        try:
+            spec = QuantizationSpec.parse(self.spec or {})
+        except SpecValidationError as err:
+            raise AirflowFailException(str(err)) from None
+        from airflow_llmops.ml.quantization import QuantizationInputError, compare, format_table
+
+        target = self.run_folder(context) / "quantized" / self.task_id
+        local = local_folder(target)
+        staging = None if local is not None else tempfile.mkdtemp(prefix="llmops-quantize-")
+        out_root = local if local is not None else Path(str(staging))
+        try:
+            report = compare(str(self.model_uri), str(self.dataset_uri).removeprefix("file://"), spec, out_root)
+        except QuantizationInputError as err:
+            raise AirflowFailException(f"{self.task_id}: {err}") from None
+        if staging is not None:
+            upload_tree(Path(staging), target)
+        table = format_table(report.rows)
+        self.log.info(
+            "Quantization on %d %s rows (%d threads):\n%s", report.eval_rows, report.split, report.threads, table
+        )
+        self.log.info("%s", report.decision.message)
+        run_id = self._log_to_mlflow(context, report, table)
+        QuantizationReportLink().persist(context, str(target / "comparison.json"))
+        decision = report.decision
+        if not decision.passed:
+            raise AirflowFailException(f"{self.task_id}: quantization gate failed: {decision.message}")
+        chosen = report.row(decision.chosen) if decision.chosen else None
+        chosen_uri = None
+        if chosen is not None and chosen.artifact:
+            chosen_uri = str(target / chosen.method) if staging is not None else chosen.artifact
+        return {
+            "passed": decision.passed,
+            "chosen_method": decision.chosen,
+            "chosen_model_uri": chosen_uri,
+            "message": decision.message,
+            "source_model_uri": str(self.model_uri),
+            "report_uri": str(target / "comparison.json"),
+            "mlflow_run_id": run_id,
+            "methods": {
+                row.method: {
+                    "size_mb": round(row.size_bytes / 1e6, 2),
+                    "size_ratio": row.size_ratio,
+                    "speedup": row.speedup,
+                    "throughput_rows_s": round(row.throughput_rows_s, 1),
+                    "p50_ms": {str(b): round(v["p50"], 2) for b, v in row.latency_ms.items()},
+                    "quality": row.quality,
+                    "quality_drop": row.quality_drop,
+                    "error": row.error,
+                }
+                for row in report.rows
+            },
+        }
+
+    def _log_to_mlflow(self, context: Context, report: Any, table: str) -> str | None:
+        tracking = self.mlflow_tracking_uri if self.mlflow_tracking_uri is not None else default_mlflow_tracking_uri()
+        if not tracking:
+            return None
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        mlflow.set_tracking_uri(tracking)
+        client = MlflowClient(tracking_uri=tracking)
+        experiment_id = mlflow.set_experiment(self.experiment).experiment_id
+        run = client.create_run(
+            experiment_id,
+            tags={
+                "mlflow.runName": f"quantize {context['dag'].dag_id}/{self.task_id}",
+                "llmops.kind": "quantization",
+                "llmops.run_key": self.job_name(context),
+                "llmops.source_model": str(self.model_uri),
+                "llmops.chosen_method": str(report.decision.chosen),
+            },
+        )
+        run_id = str(run.info.run_id)
+        for row in report.rows:
+            if not row.ok:
+                client.set_tag(run_id, f"error.{row.method}", str(row.error)[:4000])
+                continue
+            metrics = {"size_mb": row.size_bytes / 1e6, "throughput_rows_s": row.throughput_rows_s, **row.quality}
+            metrics.update({f"p50_ms_b{b}": v["p50"] for b, v in row.latency_ms.items()})
+            for key in ("quality_drop", "size_ratio", "speedup"):
+                if getattr(row, key) is not None:
+                    metrics[key] = float(getattr(row, key))
+            for name, value in metrics.items():
+                client.log_metric(run_id, f"{row.method}.{name}", float(value))
+        client.log_text(run_id, table, "quantization_table.txt")
+        client.log_dict(run_id, report.to_dict(), "comparison.json")
+        client.set_terminated(run_id, status="FINISHED" if report.decision.passed else "FAILED")
+        return run_id
