@@ -9,7 +9,11 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="airflow-llmops")
-    parser.add_argument("command", choices=["demo"], help="demo: run the local reference pipeline in Airflow")
+    parser.add_argument(
+        "command",
+        choices=["demo", "serve"],
+        help="demo: run the local reference pipeline in Airflow; serve: the model server (serve --help)",
+    )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -18,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         from airflow_llmops.devstack.demo import main as demo_main
 
         return demo_main(rest)
+    if command == "serve":
+        from airflow_llmops.serving.server import main as serve_main
+
+        return serve_main(rest)
     parser.error(f"unknown command {command!r}")
     return 2
 

@@ -1,0 +1,300 @@
+"""Inference routes: ``/v1/classify`` and the OpenAI-compatible ``/v1/completions``, ``/v1/chat/completions``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
+
+from airflow_llmops.serving.deps import (
+    REQUEST_ID_HEADER,
+    VARIANT_HEADER,
+    ServerState,
+    bearer,
+    check_api_key,
+    request_id,
+    server_state,
+)
+from airflow_llmops.serving.errors import BadRequest, NotFound, ServingError
+from airflow_llmops.serving.gateway import classify_work, generate_work
+from airflow_llmops.serving.models import Generation, GenerationParams, Task
+from airflow_llmops.serving.schemas import (
+    ChatCompletionRequest,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyResult,
+    CompletionRequest,
+)
+from airflow_llmops.serving.variants import Variant
+
+CHAT_DEFAULT_MAX_TOKENS = 256
+
+
+def _api_key(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    check_api_key(request, credentials)
+
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(_api_key)], tags=["inference"])
+State = Annotated[ServerState, Depends(server_state)]
+RequestId = Annotated[str, Depends(request_id)]
+
+
+def _pick(state: ServerState, request: Request, task: Task, model: str | None) -> Variant:
+    """The ``X-LLMOps-Variant`` header, else a ``model`` naming a variant, pins the request; else route by weight."""
+    pinned = request.headers.get(VARIANT_HEADER) or None
+    registry = state.registry
+    if pinned is None and model and model != state.config.served_model_name:
+        if model not in registry.variants:
+            raise NotFound(
+                f"model {model!r} is not served here; use {state.config.served_model_name!r} (routed by weight) "
+                f"or a variant name: {sorted(registry.variants)}"
+            )
+        pinned = model
+    return registry.pick(task, pinned)
+
+
+def _check_texts(state: ServerState, texts: list[str], what: str) -> None:
+    limit = state.config.max_inputs
+    if len(texts) > limit:
+        raise BadRequest(f"{len(texts)} {what}s in one request; this server takes at most {limit} (--max-inputs)")
+    chars = state.config.max_prompt_chars
+    for i, text in enumerate(texts):
+        if len(text) > chars:
+            raise BadRequest(
+                f"{what} {i} is {len(text)} characters; this server takes at most {chars} (--max-prompt-chars)"
+            )
+
+
+def _max_tokens(state: ServerState, asked: int | None, default: int) -> int:
+    limit = state.config.max_tokens_limit
+    value = default if asked is None else asked
+    if value > limit:
+        raise BadRequest(f"max_tokens={value} is above this server's limit of {limit} (--max-tokens-limit)")
+    return min(value, limit)
+
+
+def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> GenerationParams:
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    return GenerationParams(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop, seed=body.seed
+    )
+
+
+def _headers(response: Response, rid: str, variant: Variant) -> None:
+    response.headers[REQUEST_ID_HEADER] = rid
+    response.headers[VARIANT_HEADER] = variant.name
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@router.post("/classify", response_model=ClassifyResponse)
+async def classify(body: ClassifyRequest, request: Request, response: Response, state: State, rid: RequestId) -> Any:
+    """Labels and scores for one text or a list of texts; concurrent requests share forward passes."""
+    texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
+    _check_texts(state, texts, "input")
+    variant = _pick(state, request, "classify", body.model)
+    work = classify_work(texts)
+    answer = await state.gateway.run(variant, "/v1/classify", rid, texts, work)
+    state.gateway.mirror("classify", "/v1/classify", rid, texts, work)
+    _headers(response, rid, variant)
+    results = [ClassifyResult(label=r.label, score=r.score, scores=r.scores) for r in answer.value]
+    return ClassifyResponse(variant=variant.name, results=results, usage={"prompt_tokens": answer.tokens_in})
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def _stream_response(
+    state: ServerState,
+    variant: Variant,
+    *,
+    rid: str,
+    endpoint: str,
+    log_input: str,
+    prompt: str,
+    params: GenerationParams,
+    chunk: Callable[[str | None, str | None], dict[str, Any]],
+    usage_chunk: Callable[[Generation], dict[str, Any]] | None,
+    opening: dict[str, Any] | None = None,
+) -> StreamingResponse:
+    events = state.gateway.stream(
+        variant, endpoint=endpoint, request_id=rid, log_input=log_input, prompt=prompt, params=params
+    )
+    first = await events.__anext__()  # fault injection and prompt errors still become a JSON error here
+
+    async def body() -> AsyncIterator[str]:
+        if opening is not None:
+            yield _sse(opening)
+        item: str | Generation = first
+        try:
+            while True:
+                if isinstance(item, Generation):
+                    yield _sse(chunk(None, item.finish_reason))
+                    if usage_chunk is not None:
+                        yield _sse(usage_chunk(item))
+                    break
+                yield _sse(chunk(item, None))
+                item = await events.__anext__()
+        except ServingError as err:
+            yield _sse({"error": {"message": err.message, "type": err.error_type, "code": err.status_code}})
+        finally:
+            await events.aclose()
+        yield _sse("[DONE]")
+
+    headers = {REQUEST_ID_HEADER: rid, VARIANT_HEADER: variant.name, "Cache-Control": "no-cache"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+@router.post("/completions")
+async def completions(
+    body: CompletionRequest, request: Request, response: Response, state: State, rid: RequestId
+) -> Any:
+    """OpenAI ``completions``: ``prompt`` (a string or a list), ``max_tokens``, ``temperature``, ``top_p``,
+    ``stop``, ``seed``, ``stream``."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    _check_texts(state, prompts, "prompt")
+    params = _params(body, _max_tokens(state, body.max_tokens, 16))
+    variant = _pick(state, request, "generate", body.model)
+    created, cid = int(time.time()), f"cmpl-{rid}"
+    if body.stream:
+        if len(prompts) != 1:
+            raise BadRequest(f"stream=true takes one prompt, got {len(prompts)}")
+
+        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": variant.name,
+                "choices": [choice],
+            }
+
+        def usage(gen: Generation) -> dict[str, Any]:
+            return {**chunk(None, None), "choices": [], "usage": _usage(gen.prompt_tokens, gen.completion_tokens)}
+
+        return await _stream_response(
+            state,
+            variant,
+            rid=rid,
+            endpoint="/v1/completions",
+            log_input=prompts[0],
+            prompt=prompts[0],
+            params=params,
+            chunk=chunk,
+            usage_chunk=usage if _include_usage(body) else None,
+        )
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for i, prompt in enumerate(prompts):
+        work = generate_work(prompt, params)
+        answer = await state.gateway.run(variant, "/v1/completions", rid, [prompt], work)
+        state.gateway.mirror("generate", "/v1/completions", rid, [prompt], work)
+        gen = answer.value
+        choices.append({"index": i, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason})
+        prompt_tokens += gen.prompt_tokens
+        completion_tokens += gen.completion_tokens
+    _headers(response, rid, variant)
+    return {
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": variant.name,
+        "choices": choices,
+        "usage": _usage(prompt_tokens, completion_tokens),
+    }
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, response: Response, state: State, rid: RequestId
+) -> Any:
+    """OpenAI ``chat.completions``; the prompt is the tokenizer's chat template, or ``role: content`` lines."""
+    messages = [(m.role, m.text()) for m in body.messages]
+    _check_texts(state, [content for _, content in messages], "message")
+    if sum(len(c) for _, c in messages) > state.config.max_prompt_chars:
+        raise BadRequest(
+            f"the messages hold {sum(len(c) for _, c in messages)} characters together; this server takes at most "
+            f"{state.config.max_prompt_chars} (--max-prompt-chars)"
+        )
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = _params(body, _max_tokens(state, asked, min(CHAT_DEFAULT_MAX_TOKENS, state.config.max_tokens_limit)))
+    variant = _pick(state, request, "generate", body.model)
+    assert variant.model is not None  # pick() returns loaded variants only
+    prompt = variant.model.chat_prompt(messages)
+    log_input = next((c for r, c in reversed(messages) if r == "user"), messages[-1][1])
+    created, cid = int(time.time()), f"chatcmpl-{rid}"
+    if body.stream:
+
+        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+            delta: dict[str, Any] = {}
+            if text is None and finish is None:
+                delta = {"role": "assistant", "content": ""}
+            elif text is not None:
+                delta = {"content": text}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": variant.name,
+                "choices": [choice],
+            }
+
+        def usage(gen: Generation) -> dict[str, Any]:
+            return {**chunk(None, None), "choices": [], "usage": _usage(gen.prompt_tokens, gen.completion_tokens)}
+
+        return await _stream_response(
+            state,
+            variant,
+            rid=rid,
+            endpoint="/v1/chat/completions",
+            log_input=log_input,
+            prompt=prompt,
+            params=params,
+            chunk=chunk,
+            usage_chunk=usage if _include_usage(body) else None,
+            opening=chunk(None, None),
+        )
+    work = generate_work(prompt, params)
+    answer = await state.gateway.run(variant, "/v1/chat/completions", rid, [log_input], work)
+    state.gateway.mirror("generate", "/v1/chat/completions", rid, [log_input], work)
+    gen = answer.value
+    _headers(response, rid, variant)
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": variant.name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": gen.text},
+                "logprobs": None,
+                "finish_reason": gen.finish_reason,
+            }
+        ],
+        "usage": _usage(gen.prompt_tokens, gen.completion_tokens),
+    }
+
+
+@router.get("/models")
+async def list_models(state: State) -> Any:
+    """The served name (routed by weight) and each loaded variant, as OpenAI's model list."""
+    created = int(state.started_at)
+    names = [state.config.served_model_name] + [v.name for v in state.registry.variants.values() if v.status == "ready"]
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": created, "owned_by": "airflow-llmops"} for name in names],
+    }

@@ -1,0 +1,136 @@
+"""Typed configuration of the model server and of each variant it serves (also the admin API's payloads)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing_extensions import Self
+
+VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+_NAME_RE = re.compile(VARIANT_NAME)
+ENV_ADMIN_TOKEN = "LLMOPS_ADMIN_TOKEN"
+ENV_API_KEY = "LLMOPS_API_KEY"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FaultSpec(_Model):
+    """Failure injection, for tests only: make a variant fail or slow down on purpose (a "broken model").
+
+    :param error_rate: fraction of this variant's requests answered with HTTP 500 (``injected_fault``).
+    :param extra_latency_ms: added to every request of this variant before it answers.
+    """
+
+    error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    extra_latency_ms: float = Field(default=0.0, ge=0.0, le=60_000.0)
+
+    @property
+    def active(self) -> bool:
+        return self.error_rate > 0 or self.extra_latency_ms > 0
+
+
+class VariantSpec(_Model):
+    """One model version behind the endpoint.
+
+    :param name: the variant's name (``[A-Za-z0-9._-]``, at most 63 characters).
+    :param source: where the model is: a folder, ``file://`` path, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+        ``runs:/...`` or any URI MLflow can download, ``all-MiniLM-L6-v2``, or ``echo://`` (a trivial built-in
+        model for tests and benchmarks).
+    :param weight: relative share of the traffic (non-negative; normalised over the non-shadow variants).
+    :param shadow: a shadow gets a copy of requests after the primary answered; its answers are logged, never
+        returned.
+    :param mirror_percent: percent of requests copied to a shadow variant.
+    :param fault: failure injection for tests (see :class:`FaultSpec`).
+    :param max_batch_size: texts per forward pass (default: the server's).
+    :param max_batch_delay_ms: how long the batcher waits for more requests (default: the server's).
+    """
+
+    name: str = Field(pattern=VARIANT_NAME)
+    source: str = Field(min_length=1, max_length=4096)
+    weight: float = Field(default=1.0, ge=0.0, le=1e9)
+    shadow: bool = False
+    mirror_percent: float = Field(default=100.0, ge=0.0, le=100.0)
+    fault: FaultSpec | None = None
+    max_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    max_batch_delay_ms: float | None = Field(default=None, ge=0.0, le=1000.0)
+
+    @field_validator("weight", "mirror_percent")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value}")
+        return value
+
+
+class ServerConfig(_Model):
+    """Everything ``airflow-llmops serve`` takes; ``create_app(config)`` builds the server from it.
+
+    Variants come from ``state_file`` when it exists (the admin API rewrites it on every change), else from
+    ``variants``.
+    """
+
+    variants: list[VariantSpec] = Field(default_factory=list)
+    admin_token: str | None = Field(default=None, description="bearer token of /admin/*; None disables it")
+    api_key: str | None = Field(default=None, description="bearer token of /v1/*; None leaves them open")
+    served_model_name: str = "llmops"
+    request_log: Path | None = None
+    request_log_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    request_log_max_age_s: float = Field(default=3600.0, gt=0)
+    state_file: Path | None = None
+    model_cache: Path | None = Field(default=None, description="where models:/ and remote sources are downloaded")
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_prompt_chars: int = Field(default=32_000, ge=1)
+    max_inputs: int = Field(default=256, ge=1, description="texts per /v1/classify request, prompts per completion")
+    max_tokens_limit: int = Field(default=1024, ge=1, description="upper bound of max_tokens")
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_batch_delay_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
+    metrics_retention_s: float = Field(default=3600.0, gt=0)
+    shadow_max_pending: int = Field(default=64, ge=0, description="shadow copies in flight; more are dropped")
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Self:
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names must be unique, got {dupes} more than once")
+        return self
+
+    def with_env_defaults(self) -> ServerConfig:
+        """Fill ``admin_token`` and ``api_key`` from ``LLMOPS_ADMIN_TOKEN`` / ``LLMOPS_API_KEY`` when unset."""
+        update: dict[str, str] = {}
+        if self.admin_token is None and os.environ.get(ENV_ADMIN_TOKEN):
+            update["admin_token"] = os.environ[ENV_ADMIN_TOKEN]
+        if self.api_key is None and os.environ.get(ENV_API_KEY):
+            update["api_key"] = os.environ[ENV_API_KEY]
+        return self.model_copy(update=update) if update else self
+
+
+def parse_model_arg(value: str, *, shadow: bool = False) -> VariantSpec:
+    """``NAME=SOURCE[:WEIGHT]`` → a variant. The weight is the text after the last ``:`` when it is a number, so
+    ``models:/clf@champion:90`` and ``file:///m/clf`` both parse. For a shadow the number is its mirror percent."""
+    name, sep, rest = value.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"expected NAME=SOURCE[:WEIGHT], got {value!r} (e.g. champion=models:/clf@champion:90)")
+    if not _NAME_RE.match(name):
+        raise ValueError(f"variant name {name!r} must match {VARIANT_NAME}")
+    source, number = rest, None
+    head, colon, tail = rest.rpartition(":")
+    if colon and head:
+        try:
+            number = float(tail)
+        except ValueError:
+            pass
+        else:
+            source = head
+    if shadow:
+        return VariantSpec(
+            name=name, source=source, weight=0.0, shadow=True, mirror_percent=100.0 if number is None else number
+        )
+    return VariantSpec(name=name, source=source, weight=1.0 if number is None else number)

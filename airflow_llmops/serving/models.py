@@ -1,0 +1,366 @@
+"""Served models behind one small interface, and the loader registry that picks a loader from a folder's contents.
+
+Built in: Hugging Face sequence classifiers and causal LMs (``save_pretrained`` folders), quantized artifacts
+(``quantization.json``, through :mod:`airflow_llmops.ml.quantization` when it can load them) and ``echo://``, a
+trivial model for tests and for measuring the router's own overhead. Add a format with :func:`register_loader`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from airflow_llmops.serving.errors import BadRequest, ModelLoadError
+from airflow_llmops.serving.sources import ECHO_SOURCE, ModelFolder
+
+Task = Literal["classify", "generate"]
+TextCallback = Callable[[str], None]
+_GREEDY_BELOW = 1e-5
+_LOAD_LOCK = threading.Lock()
+FORWARD_CHUNK = 8  # texts per forward pass inside one batch (see HFClassifier.classify)
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    score: float
+    scores: dict[str, float]
+    tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ServedModel(Protocol):
+    """What the server asks of a model. Methods run in the variant's worker thread, never on the event loop."""
+
+    kind: str
+    tasks: frozenset[Task]
+
+    def classify(self, texts: Sequence[str]) -> list[Classification]: ...
+
+    def chat_prompt(self, messages: Sequence[tuple[str, str]]) -> str: ...
+
+    def generate(
+        self, prompt: str, params: GenerationParams, *, on_text: TextCallback | None, cancelled: threading.Event
+    ) -> Generation: ...
+
+
+class _NoClassify:
+    def classify(self, texts: Sequence[str]) -> list[Classification]:
+        raise BadRequest(f"this variant's model is a {getattr(self, 'kind', '?')}; it cannot classify")
+
+
+class _NoGenerate:
+    def chat_prompt(self, messages: Sequence[tuple[str, str]]) -> str:
+        raise BadRequest(f"this variant's model is a {getattr(self, 'kind', '?')}; it cannot generate")
+
+    def generate(
+        self, prompt: str, params: GenerationParams, *, on_text: TextCallback | None, cancelled: threading.Event
+    ) -> Generation:
+        raise BadRequest(f"this variant's model is a {getattr(self, 'kind', '?')}; it cannot generate")
+
+
+def plain_chat_prompt(messages: Sequence[tuple[str, str]]) -> str:
+    """``role: content`` lines and an open ``assistant:`` turn, for tokenizers without a chat template."""
+    return "".join(f"{role}: {content}\n" for role, content in messages) + "assistant:"
+
+
+class EchoModel:
+    """Answers without any model: label ``echo``; generation repeats the prompt's words (tests, benchmarks)."""
+
+    kind = "echo"
+    tasks: frozenset[Task] = frozenset({"classify", "generate"})
+
+    def classify(self, texts: Sequence[str]) -> list[Classification]:
+        return [Classification("echo", 1.0, {"echo": 1.0}, len(t.split())) for t in texts]
+
+    def chat_prompt(self, messages: Sequence[tuple[str, str]]) -> str:
+        return messages[-1][1] if messages else ""
+
+    def generate(
+        self, prompt: str, params: GenerationParams, *, on_text: TextCallback | None, cancelled: threading.Event
+    ) -> Generation:
+        words = prompt.split()
+        out = words[: params.max_tokens]
+        for i, word in enumerate(out):
+            if on_text is not None:
+                on_text(word if i == 0 else " " + word)
+        reason: Literal["stop", "length"] = "length" if len(words) > params.max_tokens else "stop"
+        return Generation(" ".join(out), reason, len(words), len(out))
+
+
+class HFClassifier(_NoGenerate):
+    """A ``*ForSequenceClassification`` folder: one padded forward pass per batch, softmax scores per label."""
+
+    kind = "classifier"
+    tasks: frozenset[Task] = frozenset({"classify"})
+
+    def __init__(self, folder: ModelFolder) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder.tokenizer_path), local_files_only=True)
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(folder.path), local_files_only=True)
+        self.model.eval()  # type: ignore[no-untyped-call]
+        config = self.model.config
+        self.labels = [str(config.id2label[i]) for i in range(config.num_labels)]
+        limits = [int(getattr(config, "max_position_embeddings", 512) or 512), 512]
+        if isinstance(self.tokenizer.model_max_length, int) and self.tokenizer.model_max_length > 0:
+            limits.append(self.tokenizer.model_max_length)
+        self.max_length = min(limits)
+
+    def classify(self, texts: Sequence[str]) -> list[Classification]:
+        """Texts sorted by length and run in chunks: less padding, and small chunks run faster per text on CPU
+        (measured on 2 cores: 32 texts as 4 sorted chunks of 8 ran ~20% faster than one batch of 32)."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[Classification | None] = [None] * len(texts)
+        for start in range(0, len(order), FORWARD_CHUNK):
+            chunk = order[start : start + FORWARD_CHUNK]
+            for i, result in zip(chunk, self._forward([texts[i] for i in chunk]), strict=True):
+                out[i] = result
+        return [r for r in out if r is not None]
+
+    def _forward(self, texts: list[str]) -> list[Classification]:
+        torch = self._torch
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        with torch.inference_mode():
+            probs = torch.softmax(self.model(**enc).logits.float(), dim=-1).tolist()
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        out = []
+        for row, n_tokens in zip(probs, lengths, strict=True):
+            best = max(range(len(row)), key=row.__getitem__)
+            scores = {label: float(p) for label, p in zip(self.labels, row, strict=True)}
+            out.append(Classification(self.labels[best], float(row[best]), scores, int(n_tokens)))
+        return out
+
+
+class HFCausalLM(_NoClassify):
+    """A ``*ForCausalLM`` / ``*LMHeadModel`` folder, decoded token by token with its KV cache (streams text)."""
+
+    kind = "causal_lm"
+    tasks: frozenset[Task] = frozenset({"generate"})
+
+    def __init__(self, folder: ModelFolder) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder.tokenizer_path), local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder.path), local_files_only=True)
+        self.model.eval()  # type: ignore[no-untyped-call]
+        config = self.model.config
+        context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        self.context = int(context or 1024)
+        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else config.eos_token_id
+        self.eos_id: int | None = int(eos) if isinstance(eos, int) else None
+        bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else config.bos_token_id
+        self.start_id: int | None = int(bos) if isinstance(bos, int) else self.eos_id
+        # transformers 5.x renamed the KV cache argument and output `past_key_values` -> `cache`.
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def chat_prompt(self, messages: Sequence[tuple[str, str]]) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            conversation = [{"role": role, "content": content} for role, content in messages]
+            rendered = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            return str(rendered)
+        return plain_chat_prompt(messages)
+
+    def _encode(self, prompt: str, max_tokens: int) -> list[int]:
+        ids = [int(i) for i in self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        if not ids:
+            if self.start_id is None:
+                raise BadRequest("the prompt is empty and this model has no BOS/EOS token to start from")
+            ids = [self.start_id]
+        if len(ids) >= self.context:
+            raise BadRequest(
+                f"the prompt is {len(ids)} tokens; this model's context is {self.context} tokens "
+                f"(prompt + max_tokens={max_tokens} must fit); shorten the prompt"
+            )
+        return ids
+
+    def _pick(self, logits: Any, params: GenerationParams, generator: Any) -> int:
+        torch = self._torch
+        if params.temperature < _GREEDY_BELOW:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_p, index = torch.sort(probs, descending=True)
+            keep = (torch.cumsum(sorted_p, dim=0) - sorted_p) < params.top_p  # always keeps the top token
+            sorted_p = sorted_p * keep
+            choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
+            return int(index[choice])
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    def generate(
+        self, prompt: str, params: GenerationParams, *, on_text: TextCallback | None, cancelled: threading.Event
+    ) -> Generation:
+        torch = self._torch
+        prompt_ids = self._encode(prompt, params.max_tokens)
+        budget = min(params.max_tokens, self.context - len(prompt_ids))
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed & 0x7FFF_FFFF_FFFF_FFFF)
+        stops = tuple(s for s in params.stop if s)
+        hold = max((len(s) for s in stops), default=1) - 1  # text that may still become a stop sequence
+        generated: list[int] = []
+        text, sent = "", 0
+        finish: Literal["stop", "length"] = "length"
+        past = None
+        step_input = torch.tensor([prompt_ids])
+        with torch.inference_mode():
+            while len(generated) < budget and not cancelled.is_set():
+                out = self.model(input_ids=step_input, use_cache=True, **{self._cache_arg: past})
+                past = getattr(out, self._cache_arg)
+                next_id = self._pick(out.logits[0, -1], params, generator)
+                if next_id == self.eos_id:
+                    finish = "stop"
+                    break
+                generated.append(next_id)
+                step_input = torch.tensor([[next_id]])
+                text = str(self.tokenizer.decode(generated, skip_special_tokens=True))
+                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+                    break
+                ready = len(text) - hold
+                if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                    ready = min(ready, len(text) - 1)
+                if on_text is not None and ready > sent:
+                    on_text(text[sent:ready])
+                    sent = ready
+        if on_text is not None and len(text) > sent:
+            on_text(text[sent:])
+        return Generation(text, finish, len(prompt_ids), len(generated))
+
+
+class QuantizedClassifier(_NoGenerate):
+    """A quantized classification artifact (``quantization.json``), run by the quantization stage's predictor."""
+
+    kind = "classifier"
+    tasks: frozenset[Task] = frozenset({"classify"})
+
+    def __init__(self, folder: ModelFolder) -> None:
+        from airflow_llmops.ml.quantization.predictors import load_predictor
+
+        self._predictor: Any = load_predictor(folder.path)
+        self.labels = [str(label) for label in self._predictor.labels]
+
+    def classify(self, texts: Sequence[str]) -> list[Classification]:
+        import numpy as np
+
+        logits = np.asarray(self._predictor.logits(list(texts)), dtype=np.float64)
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = exp / exp.sum(axis=1, keepdims=True)
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            scores = {label: float(p) for label, p in zip(self.labels, row, strict=True)}
+            out.append(Classification(self.labels[best], float(row[best]), scores, 0))
+        return out
+
+
+@dataclass(frozen=True)
+class Loader:
+    """Loads a model folder whose contents ``matches`` recognises."""
+
+    name: str
+    matches: Callable[[ModelFolder], bool]
+    load: Callable[[ModelFolder], ServedModel]
+
+
+def _architectures(folder: ModelFolder) -> list[str]:
+    try:
+        config = json.loads((folder.path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    return [str(a) for a in archs] if isinstance(archs, list) else []
+
+
+def _quantized_task(folder: ModelFolder) -> str | None:
+    try:
+        meta = json.loads((folder.path / "quantization.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return str(meta.get("task")) if isinstance(meta, dict) else None
+
+
+def _load_quantized(folder: ModelFolder) -> ServedModel:
+    task = _quantized_task(folder)
+    if task != "classification":
+        raise ModelLoadError(f"{folder.path}: serving quantized {task!r} artifacts is not supported yet")
+    try:
+        return QuantizedClassifier(folder)
+    except ImportError as err:
+        raise ModelLoadError(f"{folder.path}: cannot load the quantized artifact ({err})") from None
+
+
+_LOADERS: list[Loader] = [
+    Loader("echo", lambda f: f.source == ECHO_SOURCE, lambda f: EchoModel()),
+    Loader("quantized", lambda f: (f.path / "quantization.json").is_file(), _load_quantized),
+    Loader(
+        "hf-classifier",
+        lambda f: any(a.endswith("ForSequenceClassification") for a in _architectures(f)),
+        HFClassifier,
+    ),
+    Loader(
+        "hf-causal-lm",
+        lambda f: any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in _architectures(f)),
+        HFCausalLM,
+    ),
+]
+
+
+def register_loader(loader: Loader, *, first: bool = True) -> None:
+    """Add a loader; ``first`` puts it before the built-in ones, so it can take over a folder they would load."""
+    _LOADERS[:] = [x for x in _LOADERS if x.name != loader.name]
+    _LOADERS.insert(0 if first else len(_LOADERS), loader)
+
+
+def load_model(folder: ModelFolder) -> ServedModel:
+    """Load ``folder`` with the first loader that recognises it."""
+    for loader in _LOADERS:
+        if loader.matches(folder):
+            try:
+                # One load at a time: transformers' lazy imports race when two threads import at once
+                # ("cannot import name 'AutoModelForCausalLM'"), and two loads on a small machine gain nothing.
+                with _LOAD_LOCK:
+                    return loader.load(folder)
+            except ModelLoadError:
+                raise
+            except (OSError, ValueError, KeyError, ImportError) as err:
+                raise ModelLoadError(f"cannot load {folder.path} as {loader.name}: {err}") from None
+    archs = _architectures(folder) or "none"
+    raise ModelLoadError(
+        f"no loader for {Path(folder.path)} (architectures: {archs}); the server serves *ForSequenceClassification "
+        f"and *ForCausalLM/*LMHeadModel folders, quantized artifacts and echo://; known loaders: "
+        f"{[x.name for x in _LOADERS]}"
+    )

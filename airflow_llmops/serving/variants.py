@@ -1,0 +1,303 @@
+"""The variants a server holds, their loading, and the router that picks one per request by weight.
+
+All methods run on the event loop (one thread), so the registry needs no lock; model work goes to each variant's
+single worker thread, which serialises its forward passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from airflow_llmops.serving.batching import Batcher
+from airflow_llmops.serving.config import ServerConfig, VariantSpec
+from airflow_llmops.serving.errors import BadRequest, Conflict, ModelLoadError, NotFound, Unavailable
+from airflow_llmops.serving.models import Classification, ServedModel, Task, load_model
+from airflow_llmops.serving.schemas import UpdateVariantRequest, VariantInfo
+from airflow_llmops.serving.sources import resolve_source
+from airflow_llmops.serving.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclass
+class Variant:
+    spec: VariantSpec
+    status: str = "loading"
+    model: ServedModel | None = None
+    error: str | None = None
+    loaded_at: float | None = None
+    executor: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    )
+    classifier: Batcher[list[str], list[Classification]] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def serves(self, task: Task) -> bool:
+        return self.status == "ready" and self.model is not None and task in self.model.tasks
+
+
+def _load(spec: VariantSpec, cache: Path | None) -> ServedModel:
+    return load_model(resolve_source(spec.source, cache=cache))
+
+
+class VariantRegistry:
+    """Holds the variants, routes requests to them, and keeps the state file in step with every change."""
+
+    def __init__(self, config: ServerConfig, telemetry: Telemetry) -> None:
+        self.config = config
+        self.telemetry = telemetry
+        self.variants: dict[str, Variant] = {}
+        self._loads: set[asyncio.Task[None]] = set()
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def initial_specs(self) -> list[VariantSpec]:
+        """The state file's variants when it exists (a restart comes back as it was), else the configured ones."""
+        path = self.config.state_file
+        if path is not None and path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return [VariantSpec.model_validate(v) for v in data.get("variants", [])]
+        return list(self.config.variants)
+
+    async def start(self) -> None:
+        for spec in self.initial_specs():
+            variant = self._register(spec)
+            task = asyncio.get_running_loop().create_task(self._load_into(variant))
+            self._loads.add(task)
+            task.add_done_callback(self._loads.discard)
+        self.save_state()
+
+    async def close(self) -> None:
+        for task in list(self._loads):
+            task.cancel()
+        for variant in list(self.variants.values()):
+            await self._shutdown(variant)
+
+    def _register(self, spec: VariantSpec) -> Variant:
+        variant = Variant(spec)
+        self.variants[spec.name] = variant
+        self.telemetry.ready.labels(spec.name).set(0)
+        self._publish_weights()
+        return variant
+
+    async def _load_into(self, variant: Variant) -> None:
+        try:
+            model = await asyncio.to_thread(_load, variant.spec, self.config.model_cache)
+        except ModelLoadError as err:
+            variant.status, variant.error = "failed", err.message
+            log.error("variant %s failed to load: %s", variant.name, err.message)
+            return
+        except Exception as err:  # a loader bug must show up as a failed variant, not kill the server
+            variant.status, variant.error = "failed", f"{type(err).__name__}: {err}"
+            log.exception("variant %s failed to load", variant.name)
+            return
+        if self.variants.get(variant.name) is not variant:  # removed while it loaded
+            return
+        variant.model = model
+        if "classify" in model.tasks:
+            spec = variant.spec
+            batcher: Batcher[list[str], list[Classification]] = Batcher(
+                variant.name,
+                functools.partial(_classify_batch, model),
+                variant.executor,
+                max_size=spec.max_batch_size or self.config.max_batch_size,
+                max_delay_s=(
+                    spec.max_batch_delay_ms if spec.max_batch_delay_ms is not None else self.config.max_batch_delay_ms
+                )
+                / 1000.0,
+                size_of=len,
+                on_batch=self.telemetry.batch_size.labels(variant.name).observe,
+            )
+            batcher.start()
+            variant.classifier = batcher
+        variant.status, variant.loaded_at = "ready", time.time()
+        self.telemetry.ready.labels(variant.name).set(1)
+        log.info("variant %s ready (%s from %s)", variant.name, model.kind, variant.spec.source)
+
+    async def _shutdown(self, variant: Variant) -> None:
+        if variant.classifier is not None:
+            await variant.classifier.stop()
+        variant.executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- admin -----------------------------------------------------------------------------------------------
+    def get(self, name: str) -> Variant:
+        variant = self.variants.get(name)
+        if variant is None:
+            raise NotFound(f"unknown variant {name!r}; this server has {sorted(self.variants)}")
+        return variant
+
+    async def add(self, spec: VariantSpec, *, wait: bool) -> Variant:
+        if spec.name in self.variants:
+            raise Conflict(f"variant {spec.name!r} exists; remove it first or add the new model under another name")
+        variant = self._register(spec)
+        if not wait:
+            task = asyncio.get_running_loop().create_task(self._load_into(variant))
+            self._loads.add(task)
+            task.add_done_callback(self._loads.discard)
+            self.save_state()
+            return variant
+        await self._load_into(variant)
+        if variant.status == "failed":
+            self.variants.pop(spec.name, None)
+            self.telemetry.forget(spec.name)
+            await self._shutdown(variant)
+            self._publish_weights()
+            raise ModelLoadError(f"variant {spec.name!r} not added: {variant.error}")
+        self.save_state()
+        return variant
+
+    async def remove(self, name: str, *, force: bool = False) -> None:
+        variant = self.get(name)
+        if not force:
+            rest = [v.spec for k, v in self.variants.items() if k != name]
+            if not variant.spec.shadow and variant.spec.weight > 0:
+                self._check_traffic(rest, f"removing {name!r} (add ?force=true to remove it anyway)")
+        del self.variants[name]
+        await self._shutdown(variant)
+        self.telemetry.forget(name)
+        self._publish_weights()
+        self.save_state()
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """Set the weights of the named variants (the others keep theirs); all or nothing."""
+        unknown = sorted(set(weights) - set(self.variants))
+        if unknown:
+            raise NotFound(f"unknown variant(s) {unknown} in weights; this server has {sorted(self.variants)}")
+        shadows = sorted(k for k in weights if self.variants[k].spec.shadow)
+        if shadows:
+            raise BadRequest(
+                f"variant(s) {shadows} are shadows and take no traffic weight; set mirror_percent with "
+                'PATCH /admin/variants/NAME, or {"shadow": false} to make one a primary'
+            )
+        new = {
+            k: v.spec.model_copy(update={"weight": float(weights.get(k, v.spec.weight))})
+            for k, v in self.variants.items()
+        }
+        self._check_traffic(new.values(), f"weights {dict(weights)}")
+        for name, spec in new.items():
+            self.variants[name].spec = spec
+        self._publish_weights()
+        self.save_state()
+
+    def update(self, name: str, change: UpdateVariantRequest) -> Variant:
+        variant = self.get(name)
+        update: dict[str, object] = {
+            k: v for k, v in change.model_dump(exclude_unset=True, exclude={"clear_fault"}).items() if v is not None
+        }
+        if change.fault is not None:
+            update["fault"] = change.fault
+        if change.clear_fault:
+            update["fault"] = None
+        spec = variant.spec.model_copy(update=update)
+        if "weight" in update or "shadow" in update:
+            others = [v.spec for k, v in self.variants.items() if k != name]
+            self._check_traffic([*others, spec], f"this change to {name!r}")
+        variant.spec = spec
+        self._publish_weights()
+        self.save_state()
+        return variant
+
+    @staticmethod
+    def _check_traffic(specs: Iterable[VariantSpec], what: str) -> None:
+        total = sum(s.weight for s in specs if not s.shadow)
+        if total <= 0:
+            raise BadRequest(
+                f"{what} would leave no traffic: the weights of the non-shadow variants must sum to more than 0"
+            )
+
+    def traffic_percent(self, spec: VariantSpec) -> float:
+        if spec.shadow:
+            return 0.0
+        total = sum(v.spec.weight for v in self.variants.values() if not v.spec.shadow)
+        return 100.0 * spec.weight / total if total > 0 else 0.0
+
+    def _publish_weights(self) -> None:
+        for variant in self.variants.values():
+            self.telemetry.weight.labels(variant.name).set(self.traffic_percent(variant.spec))
+
+    def info(self, variant: Variant) -> VariantInfo:
+        spec = variant.spec
+        return VariantInfo(
+            name=spec.name,
+            source=spec.source,
+            weight=spec.weight,
+            traffic_percent=round(self.traffic_percent(spec), 6),
+            shadow=spec.shadow,
+            mirror_percent=spec.mirror_percent,
+            status=variant.status,  # type: ignore[arg-type]
+            kind=variant.model.kind if variant.model is not None else None,
+            error=variant.error,
+            fault=spec.fault,
+            loaded_at=variant.loaded_at,
+        )
+
+    def save_state(self) -> None:
+        path = self.config.state_file
+        if path is None:
+            return
+        data = {
+            "version": STATE_VERSION,
+            "variants": [v.spec.model_dump(mode="json", exclude_none=True) for v in self.variants.values()],
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    # ---- routing ---------------------------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        """Ready when every non-shadow variant with traffic is loaded (and there is at least one)."""
+        serving = {v.name: v.status for v in self.variants.values() if not v.spec.shadow and v.spec.weight > 0}
+        return bool(serving) and all(s == "ready" for s in serving.values()), serving
+
+    def pick(self, task: Task, pinned: str | None) -> Variant:
+        if pinned is not None:
+            variant = self.get(pinned)
+            if variant.status != "ready":
+                raise Unavailable(
+                    f"variant {pinned!r} is {variant.status}" + (f": {variant.error}" if variant.error else "")
+                )
+            if not variant.serves(task):
+                raise BadRequest(
+                    f"variant {pinned!r} is a {variant.model.kind if variant.model else '?'}; it cannot {task}"
+                )
+            return variant
+        candidates = [v for v in self.variants.values() if not v.spec.shadow and v.spec.weight > 0 and v.serves(task)]
+        if candidates:
+            return random.choices(candidates, weights=[v.spec.weight for v in candidates])[0]
+        if any(v.status == "loading" for v in self.variants.values()):
+            raise Unavailable("no variant can take this request yet: models are still loading; retry shortly")
+        kinds = {v.name: (v.model.kind if v.model else v.status) for v in self.variants.values()}
+        raise BadRequest(f"no variant with traffic can {task}; variants: {kinds}")
+
+    def shadows_for(self, task: Task) -> list[Variant]:
+        return [
+            v
+            for v in self.variants.values()
+            if v.spec.shadow and v.serves(task) and random.random() * 100.0 < v.spec.mirror_percent
+        ]
+
+
+def _classify_batch(model: ServedModel, batch: Sequence[list[str]]) -> list[list[Classification] | BaseException]:
+    """One forward pass for every text of every request in the batch, split back per request."""
+    flat = [text for texts in batch for text in texts]
+    results = model.classify(flat)
+    out: list[list[Classification] | BaseException] = []
+    start = 0
+    for texts in batch:
+        out.append(results[start : start + len(texts)])
+        start += len(texts)
+    return out
