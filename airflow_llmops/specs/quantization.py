@@ -24,7 +24,9 @@ class QuantizationSpec(Spec):
     """Methods to apply and compare against the full-precision model on the validation split.
 
     ``max_quality_drop`` is the tolerance of the gate, in points of the quality metric (accuracy for
-    classifiers, perplexity increase in percent for causal LMs).
+    classifiers, perplexity increase in percent for causal LMs). ``quantize_embeddings`` also stores the embedding
+    tables in int8 (for MiniLM they are half of the weights); ``threads`` is the CPU threads every method gets
+    when measured (default: all cores of the worker).
     """
 
     methods: list[QuantMethod] = Field(default_factory=lambda: list(_DEFAULT_METHODS), min_length=1)
@@ -33,6 +35,8 @@ class QuantizationSpec(Spec):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 16], min_length=1)
     latency_repeats: int = Field(default=20, ge=1, le=10_000)
     max_eval_rows: int = Field(default=1000, ge=1)
+    quantize_embeddings: bool = True
+    threads: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _unique(self) -> Self:

@@ -1,0 +1,179 @@
+"""Predictors: a saved model (full precision or quantized) behind one interface that takes raw texts.
+
+Every predictor tokenizes the same way (the model's tokenizer, padding to the longest text of the batch,
+truncation at ``max_length``), so latencies compare the models, not the preprocessing.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from airflow_llmops.ml.quantization.artifact import (
+    METADATA_FILE,
+    QuantizedArtifact,
+    Task,
+    detect_task,
+    local_path,
+    model_folder,
+    weights_size,
+)
+from airflow_llmops.ml.quantization.errors import QuantizationInputError, UnsupportedTaskError
+from airflow_llmops.ml.quantization.methods import check_method, load_model, load_torch_artifact
+
+FP32 = "fp32"
+DEFAULT_MAX_LENGTH = 128
+
+
+class Predictor(ABC):
+    """A loaded model that serves raw texts.
+
+    :ivar method: ``fp32`` or the quantization method.
+    :ivar task: ``classification`` or ``causal_lm``.
+    :ivar path: the folder it was loaded from.
+    :ivar size_bytes: bytes of its weight files on disk.
+    :ivar labels: class names in logit order (classification; empty for a causal LM).
+    """
+
+    def __init__(self, *, method: str, task: Task, path: Path, size_bytes: int, max_length: int) -> None:
+        self.method = method
+        self.task = task
+        self.path = path
+        self.size_bytes = size_bytes
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        # Positions past the model's table fail inside the forward pass (tiny-gpt2 has max_seq_length positions).
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.max_length = min(max_length, positions) if isinstance(positions, int) and positions > 0 else max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
+        self.labels: list[str] = [id2label[i] for i in sorted(id2label)] if task == "classification" else []
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(method={self.method!r}, path={str(self.path)!r})"
+
+    def encode(self, texts: Sequence[str], return_tensors: str = "pt") -> Any:
+        if isinstance(texts, str):
+            raise QuantizationInputError("texts must be a list of strings, not one string")
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors=return_tensors
+        )
+
+    @abstractmethod
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """Raw model outputs for one batch: ``(batch, labels)`` for a classifier, ``(batch, seq, vocab)`` for an LM."""
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        """Predicted label names, one per text (classification only)."""
+        if self.task != "classification":
+            raise UnsupportedTaskError(f"predict() returns labels of a classifier; this model is a {self.task}")
+        if not texts:
+            return []
+        return [self.labels[int(i)] for i in self.logits(texts).argmax(axis=-1)]
+
+    def perplexity(self, texts: Sequence[str], batch_size: int = 16) -> float:
+        """Token-level perplexity of ``texts`` (causal LM only, torch predictors)."""
+        raise UnsupportedTaskError(f"perplexity is measured for torch causal LMs, not {type(self).__name__}")
+
+
+class TorchPredictor(Predictor):
+    """Full-precision or torch/torchao-quantized model, run with torch on CPU (CUDA for int4)."""
+
+    def __init__(self, model: torch.nn.Module, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model.eval()
+        self.device = next(model.parameters(), torch.empty(0)).device
+        if self.device.type == "meta":
+            self.device = torch.device("cpu")
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        batch = self.encode(texts).to(self.device)
+        with torch.inference_mode():
+            result: np.ndarray = self.model(**batch).logits.float().cpu().numpy()
+        return result
+
+    def perplexity(self, texts: Sequence[str], batch_size: int = 16) -> float:
+        if self.task != "causal_lm":
+            raise UnsupportedTaskError(f"perplexity is measured for causal LMs; this model is a {self.task}")
+        total_nll, total_tokens = 0.0, 0
+        for start in range(0, len(texts), batch_size):
+            batch = self.encode(texts[start : start + batch_size]).to(self.device)
+            with torch.inference_mode():
+                logits = self.model(**batch).logits.float()
+            # Next-token loss over real (unpadded) positions only.
+            targets = batch["input_ids"][:, 1:]
+            mask = batch["attention_mask"][:, 1:].bool()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+            total_nll += float(nll[mask].sum())
+            total_tokens += int(mask.sum())
+        if total_tokens == 0:
+            raise QuantizationInputError("perplexity needs texts of at least 2 tokens; every text was shorter")
+        return math.exp(total_nll / total_tokens)
+
+
+class OnnxPredictor(Predictor):
+    """An int8 ONNX classifier run by ONNX Runtime on CPU with ``threads`` intra-op threads."""
+
+    def __init__(self, *, threads: int, input_names: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        from airflow_llmops.ml.quantization.onnx import session
+
+        self.threads = threads
+        self.input_names = input_names
+        self.session = session(self.path / "model.onnx", threads)
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        batch = self.encode(texts, return_tensors="np")
+        feed = {name: np.asarray(batch[name], dtype=np.int64) for name in self.input_names}
+        result: np.ndarray = self.session.run(["logits"], feed)[0]
+        return result
+
+
+def load_fp32(model_dir: str | Path, *, max_length: int = DEFAULT_MAX_LENGTH) -> Predictor:
+    """The full-precision baseline: a saved Hugging Face model folder, run with torch in fp32."""
+    path = model_folder(model_dir)
+    task = detect_task(AutoConfig.from_pretrained(str(path), local_files_only=True))
+    return TorchPredictor(
+        load_model(path, task), method=FP32, task=task, path=path, size_bytes=weights_size(path), max_length=max_length
+    )
+
+
+def load_quantized(
+    out_dir: str | Path, *, max_length: int = DEFAULT_MAX_LENGTH, threads: int | None = None
+) -> Predictor:
+    """Load an artifact written by :func:`quantize_model` (in this or any later process).
+
+    :param threads: ONNX Runtime intra-op threads; default: ``torch.get_num_threads()``, so that both runtimes
+        use the same number of cores.
+    :raises QuantizationInputError: the folder is not an artifact.
+    :raises QuantizationUnavailable: the artifact's method cannot run here (an int4 artifact on a CPU machine).
+    """
+    artifact = QuantizedArtifact.read(out_dir)
+    check_method(artifact.method)
+    common: dict[str, Any] = {
+        "method": artifact.method,
+        "task": artifact.task,
+        "path": Path(artifact.path),
+        "size_bytes": artifact.size_bytes,
+        "max_length": max_length,
+    }
+    if artifact.method == "onnx_dynamic_int8":
+        names = list(artifact.options.get("input_names", ["input_ids", "attention_mask"]))
+        return OnnxPredictor(threads=threads or torch.get_num_threads(), input_names=names, **common)
+    return TorchPredictor(load_torch_artifact(artifact), **common)
+
+
+def load_predictor(folder: str | Path, **kwargs: Any) -> Predictor:
+    """A quantized artifact (it has ``quantization.json``) or else a full-precision model folder."""
+    if (local_path(folder) / METADATA_FILE).is_file():
+        return load_quantized(folder, **kwargs)
+    kwargs.pop("threads", None)
+    return load_fp32(folder, **kwargs)
