@@ -33,21 +33,29 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_llmops.operators.quantization",
                     "airflow_llmops.operators.evaluation",
                     "airflow_llmops.operators.registry",
+                    "airflow_llmops.operators.deploy",
                 ],
             },
         ],
         "sensors": [
-            {"integration-name": "LLMOps", "python-modules": ["airflow_llmops.sensors.training"]},
+            {
+                "integration-name": "LLMOps",
+                "python-modules": ["airflow_llmops.sensors.training", "airflow_llmops.sensors.rollout"],
+            },
         ],
         "hooks": [],
         "triggers": [
-            {"integration-name": "LLMOps", "python-modules": ["airflow_llmops.triggers.training"]},
+            {
+                "integration-name": "LLMOps",
+                "python-modules": ["airflow_llmops.triggers.training", "airflow_llmops.triggers.rollout"],
+            },
         ],
         "extra-links": [
             "airflow_llmops.links.artifacts.DatasetLink",
             "airflow_llmops.links.artifacts.ValidationReportLink",
             "airflow_llmops.links.artifacts.EvaluationReportLink",
             "airflow_llmops.links.artifacts.QuantizationReportLink",
+            "airflow_llmops.links.artifacts.EndpointLink",
             "airflow_llmops.links.mlflow.MLflowRunLink",
             "airflow_llmops.links.mlflow.RegisteredModelLink",
         ],
@@ -78,6 +86,14 @@ def get_provider_info() -> dict[str, Any]:
                         "version_added": "0.1.0",
                         "type": "string",
                         "example": "/shared/llmops/jobs",
+                        "default": "",
+                    },
+                    "local_endpoints_root": {
+                        "description": "Folder of the local platform's endpoints (server state, request logs, admin "
+                        "token). Empty: $AIRFLOW_HOME/llmops/endpoints.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/shared/llmops/endpoints",
                         "default": "",
                     },
                     "artifact_conn_id": {

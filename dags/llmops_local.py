@@ -7,14 +7,21 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Param
 
 from airflow_llmops.operators import (
+    DeployModelOperator,
+    EvaluateModelOperator,
     PlanRunOperator,
     PrepareDatasetOperator,
+    QuantizeModelOperator,
+    RegisterModelOperator,
     TrainModelOperator,
     ValidateDatasetOperator,
 )
 from airflow_llmops.operators.data import dataset_asset
+from airflow_llmops.operators.registry import model_alias_asset
+from airflow_llmops.sensors.rollout import RolloutHealthSensor
 
 DATASET = "chatterbot-topics"
+MODEL = "chatterbot-topics-classifier"
 # Topics of the English corpus with enough distinct utterances to train and evaluate a classifier.
 TOPICS = ",".join(
     (
@@ -30,7 +37,13 @@ Runs the lifecycle of a language model on the `local` platform: `plan` validates
 `prepare` normalises, deduplicates (exact and MinHash near-duplicates) and splits the data by a stable hash,
 `validate` gates it with Great Expectations (schema, token lengths, labels, duplicates, invalid characters,
 personal data) and quarantines failing rows; `train` fine-tunes the model with torchrun (2 CPU processes, or
-one per GPU), tracked in MLflow and resumable from checkpoints; then quantize → evaluate → deploy.
+one per GPU), tracked in MLflow and resumable from checkpoints; `quantize` tries int8 methods and keeps the
+fastest within `max_quality_drop` points of accuracy; `evaluate` scores it against the registry's `champion` on
+the test split (HTML report) and gates; `register` makes it a version of the MLflow registered model
+`chatterbot-topics-classifier` (alias `challenger`); `deploy` loads that version on the local endpoint
+`chatterbot-topics` next to the serving one, and `rollout` moves traffic by the plan (canary 10 → 50 → 100 % by
+default), judging each step on live p95 latency and error rate, rolls back on a breach, and on success moves the
+`champion` alias (recorded; an event on the Asset `x-llmops://models/chatterbot-topics-classifier/champion`).
 
 The prepared dataset is published as the Asset `x-llmops://datasets/chatterbot-topics`.
 
@@ -96,10 +109,27 @@ with DAG(
             description="new variant's traffic share per step, percent",
         ),
         "p95_latency_ms": Param(500, type="number", exclusiveMinimum=0),
+        "bake_seconds": Param(20, type="number", minimum=0, description="how long each rollout step is watched"),
+        "min_requests": Param(
+            0,
+            type="integer",
+            minimum=0,
+            description="requests a step needs before it is judged; 0 judges what came (the demo sends none)",
+        ),
         "pii_action": Param(
             "redact", type="string", enum=["fail", "redact"], description="personal data found: stop, or redact"
         ),
         "max_error_rate": Param(0.01, type="number", minimum=0, maximum=1),
+        "quantization_methods": Param(
+            ["torch_dynamic_int8", "onnx_dynamic_int8"],
+            type="array",
+            items={"type": "string"},
+            description="methods to try; the fastest within max_quality_drop is kept",
+        ),
+        "max_quality_drop": Param(1.0, type="number", minimum=0, description="accuracy points quantization may lose"),
+        "min_improvement": Param(
+            0.0, type="number", description="accuracy the new model must gain over the champion to replace it"
+        ),
     },
 ) as dag:
     plan = PlanRunOperator(
@@ -127,7 +157,12 @@ with DAG(
         rollout={
             "strategy": "{{ params.rollout_strategy }}",
             "traffic_steps": "{{ params.canary_steps if params.rollout_strategy == 'canary' else [] }}",
-            "slo": {"p95_latency_ms": "{{ params.p95_latency_ms }}", "max_error_rate": "{{ params.max_error_rate }}"},
+            "bake_seconds": "{{ params.bake_seconds }}",
+            "slo": {
+                "p95_latency_ms": "{{ params.p95_latency_ms }}",
+                "max_error_rate": "{{ params.max_error_rate }}",
+                "min_requests": "{{ params.min_requests }}",
+            },
         },
     )
 
@@ -150,4 +185,43 @@ with DAG(
         progress_interval=10,
         execution_timeout=timedelta(hours=2),
     )
-    plan >> prepare >> validate >> train
+    quantize = QuantizeModelOperator(
+        task_id="quantize",
+        model_uri="{{ ti.xcom_pull(task_ids='train')['model_uri'] }}",
+        dataset_uri="{{ ti.xcom_pull(task_ids='validate')['dataset_uri'] }}",
+        spec={
+            "methods": "{{ params.quantization_methods }}",
+            "choose": "fastest_within_tolerance",
+            "max_quality_drop": "{{ params.max_quality_drop }}",
+        },
+    )
+    evaluate = EvaluateModelOperator(
+        task_id="evaluate",
+        model_uri="{{ ti.xcom_pull(task_ids='quantize')['chosen_model_uri'] }}",
+        dataset_uri="{{ ti.xcom_pull(task_ids='validate')['dataset_uri'] }}",
+        registered_model_name=MODEL,
+        min_improvement="{{ params.min_improvement }}",
+    )
+    register = RegisterModelOperator(
+        task_id="register",
+        model_uri="{{ ti.xcom_pull(task_ids='quantize')['chosen_model_uri'] }}",
+        dataset_uri="{{ ti.xcom_pull(task_ids='validate')['dataset_uri'] }}",
+        training_run_id="{{ ti.xcom_pull(task_ids='train')['mlflow_run_id'] }}",
+        registered_model_name=MODEL,
+    )
+    deploy = DeployModelOperator(
+        task_id="deploy",
+        platform="{{ params.platform }}",
+        model_uri="{{ ti.xcom_pull(task_ids='register')['uri'] }}",
+        endpoint_name=DATASET,
+        rollout="{{ ti.xcom_pull(task_ids='plan')['specs']['rollout'] }}",
+    )
+    rollout = RolloutHealthSensor(
+        task_id="rollout",
+        rollout="{{ ti.xcom_pull(task_ids='deploy') }}",
+        deferrable=True,
+        poll_interval=2,
+        retries=0,  # a rolled-back rollout is a verdict, not a glitch
+        outlets=[model_alias_asset(MODEL)],
+    )
+    plan >> prepare >> validate >> train >> quantize >> evaluate >> register >> deploy >> rollout

@@ -71,3 +71,7 @@ class EvaluationReportLink(_XComLink):
 
 class QuantizationReportLink(_XComLink):
     label = "Quantization report"
+
+
+class EndpointLink(_XComLink):
+    label = "Endpoint"

@@ -2,6 +2,7 @@
 
 from airflow_llmops.operators.base import LLMOpsBaseOperator
 from airflow_llmops.operators.data import PrepareDatasetOperator, ValidateDatasetOperator
+from airflow_llmops.operators.deploy import DeployModelOperator
 from airflow_llmops.operators.evaluation import EvaluateModelOperator
 from airflow_llmops.operators.plan import PlanRunOperator
 from airflow_llmops.operators.quantization import QuantizeModelOperator
@@ -10,6 +11,7 @@ from airflow_llmops.operators.training import TrainModelOperator
 from airflow_llmops.operators.tuning import TuneHyperparametersOperator
 
 __all__ = [
+    "DeployModelOperator",
     "EvaluateModelOperator",
     "LLMOpsBaseOperator",
     "PlanRunOperator",

@@ -15,7 +15,10 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow_llmops.links.mlflow import MLflowRunLink, mlflow_run_url
 from airflow_llmops.operators.base import LLMOpsBaseOperator
 from airflow_llmops.operators.training import default_local_jobs_root, default_mlflow_tracking_uri
-from airflow_llmops.specs import SpecValidationError, TuningSpec
+from airflow_llmops.specs import SpecValidationError
+
+if TYPE_CHECKING:
+    from airflow_llmops.specs.tuning import TuningSpec
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -51,7 +54,7 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
     def __init__(
         self,
         *,
-        spec: TuningSpec | Mapping[str, Any] | str,
+        spec: TuningSpec | Mapping[str, Any] | str,  # the class is imported lazily (parse time)
         dataset_uri: str | None = None,
         mlflow_tracking_uri: str | None = None,
         jobs_root: str | None = None,
@@ -65,6 +68,8 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
         self._proc: subprocess.Popen[str] | None = None
 
     def tuning_spec(self) -> TuningSpec:
+        from airflow_llmops.specs.tuning import TuningSpec
+
         try:
             spec = TuningSpec.parse(self.spec)
         except SpecValidationError as err:

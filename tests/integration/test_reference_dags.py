@@ -52,12 +52,29 @@ def test_local_dag_params_are_typed_and_validated():
     assert params.get_param("rollout_strategy").resolve("blue_green") == "blue_green"
 
 
-def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db):
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    from airflow_llmops.devstack.mlflow_server import MLflowServer
+
+    server = MLflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()
+
+
+def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db, mlflow_server, monkeypatch):
     from dags_under_test import load_dag
 
+    monkeypatch.setenv("AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI", mlflow_server.url)
     dag = load_dag("llmops_local")
-    run = dag.test(run_conf={"rollout_strategy": "linear", "learning_rate": 1e-4, "max_steps": 60})
-    assert run.state == "success"
+    conf = {
+        "rollout_strategy": "linear",
+        "learning_rate": 1e-4,
+        "max_steps": 60,
+        "quantization_methods": ["torch_dynamic_int8"],
+        "max_quality_drop": 10.0,
+    }
+    run = dag.test(run_conf=conf)
+    assert run.state == "success", {t.task_id: t.state for t in run.get_task_instances()}
     plan_files = sorted((airflow_db / "artifacts" / "llmops_local").glob("*/plan.json"))
     assert plan_files
     plan = json.loads(plan_files[-1].read_text())
@@ -84,6 +101,27 @@ def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db):
     trained = run.get_task_instance("train").xcom_pull(task_ids="train")
     assert Path(trained["model_uri"], "model.safetensors").is_file()
     assert trained["metrics"]["eval_accuracy"] > 1 / 16  # better than chance after 60 steps
+
+    quantized = run.get_task_instance("quantize").xcom_pull(task_ids="quantize")
+    assert quantized["chosen_method"] == "torch_dynamic_int8"
+    evaluated = run.get_task_instance("evaluate").xcom_pull(task_ids="evaluate")
+    assert evaluated["passed"] and evaluated["model_uri"] == quantized["chosen_model_uri"]
+    registered = run.get_task_instance("register").xcom_pull(task_ids="register")
+    assert registered["run_id"] == trained["mlflow_run_id"]  # logged into the training run
+    deployed = run.get_task_instance("deploy").xcom_pull(task_ids="deploy")
+    rolled = run.get_task_instance("rollout").xcom_pull(task_ids="rollout")
+    assert rolled["state"] == "succeeded" and rolled["promoted"]["version"] == registered["version"]
+    from airflow_llmops.platforms.local_serving import LocalEndpoints
+
+    endpoints = LocalEndpoints(deployed["platform_kwargs"]["endpoints_root"])
+    try:
+        import httpx
+
+        answer = httpx.post(f"{deployed['url']}/v1/classify", json={"inputs": "do you like pizza?"}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["variant"] == deployed["variant"]
+        assert answer.json()["results"][0]["label"] in manifest["splits"]["train"]["labels"]
+    finally:
+        endpoints.stop_server("chatterbot-topics")
 
 
 def test_bad_params_fail_the_plan_task_with_the_field_named(airflow_db, capfd):

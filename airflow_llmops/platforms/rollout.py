@@ -1,0 +1,77 @@
+"""Rollout steps and their verdicts, independent of Airflow and of the platform: what traffic each step sets and
+whether the new variant's live numbers meet the SLO (and compare well enough with the old variant's)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from airflow_llmops.platforms.base import VariantMetrics
+from airflow_llmops.specs import SLO, RolloutPlan
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``ok``: True (meets the SLO), False (breach: roll back), None (too few requests to judge yet)."""
+
+    ok: bool | None
+    message: str
+    new: dict[str, Any]
+    old: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _numbers(m: VariantMetrics) -> dict[str, Any]:
+    return {**m.to_dict(), "error_rate": round(m.error_rate, 4)}
+
+
+def judge(new: VariantMetrics, old: VariantMetrics | None, slo: SLO) -> Verdict:
+    """The new variant against the SLO: error rate and p95 latency, and, with ``max_latency_ratio``, its p95
+    against the old variant's. Errors count as soon as they happen (a breach needs no minimum of requests when
+    the errors alone exceed what ``min_requests`` would allow); a pass needs ``min_requests``."""
+    numbers = _numbers(new)
+    old_numbers = _numbers(old) if old else None
+    breaches = []
+    allowed_errors = slo.max_error_rate * max(new.requests, slo.min_requests)
+    if new.errors > allowed_errors:
+        breaches.append(
+            f"error rate {new.error_rate:.2%} ({new.errors}/{new.requests}) > max_error_rate {slo.max_error_rate:.2%}"
+        )
+    enough = new.requests >= slo.min_requests  # min_requests=0: judge whatever came, even nothing
+    if new.requests and enough and new.p95_latency_ms is not None and new.p95_latency_ms > slo.p95_latency_ms:
+        breaches.append(f"p95 latency {new.p95_latency_ms:.1f} ms > {slo.p95_latency_ms:g} ms")
+    if (
+        enough
+        and slo.max_latency_ratio is not None
+        and old is not None
+        and old.p95_latency_ms
+        and new.p95_latency_ms is not None
+        and new.p95_latency_ms > slo.max_latency_ratio * old.p95_latency_ms
+    ):
+        breaches.append(
+            f"p95 latency {new.p95_latency_ms:.1f} ms > {slo.max_latency_ratio:g} x the old variant's "
+            f"{old.p95_latency_ms:.1f} ms"
+        )
+    if breaches:
+        return Verdict(False, f"{new.variant}: " + "; ".join(breaches), numbers, old_numbers)
+    if not enough:
+        return Verdict(None, f"{new.variant}: {new.requests}/{slo.min_requests} requests so far", numbers, old_numbers)
+    p95 = "-" if new.p95_latency_ms is None else f"{new.p95_latency_ms:.1f} ms"
+    return Verdict(
+        True,
+        f"{new.variant}: {new.requests} requests, error rate {new.error_rate:.2%}, p95 {p95} within the SLO",
+        numbers,
+        old_numbers,
+    )
+
+
+def step_weights(plan: RolloutPlan, percent: float, new: str, previous: dict[str, float]) -> dict[str, float]:
+    """Weights at a step: the new variant ``percent``, the previous ones share the rest as before. A shadow
+    rollout leaves the serving weights alone (the shadow's share is its mirror percentage)."""
+    if plan.strategy == "shadow":
+        return dict(previous)
+    total = sum(previous.values()) or 1.0
+    rest = 100.0 - percent
+    return {new: percent, **{name: rest * weight / total for name, weight in previous.items()}}
