@@ -194,6 +194,7 @@ with DAG(
             "choose": "fastest_within_tolerance",
             "max_quality_drop": "{{ params.max_quality_drop }}",
         },
+        fallback_to_source=True,  # no method within tolerance: ship full precision rather than nothing
     )
     evaluate = EvaluateModelOperator(
         task_id="evaluate",

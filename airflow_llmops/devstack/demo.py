@@ -143,6 +143,31 @@ class Demo:
             print(f"   trained model               {trained.get('model_uri')}")
             print(f"     metrics                   {json.dumps(shown)}")
             print(f"     MLflow run                {trained.get('mlflow_run_id')}")
+        quantized = client.xcom(DAG_ID, run_id, "quantize")
+        if isinstance(quantized, dict):
+            print(
+                f"   quantized model             {quantized.get('chosen_model_uri')} ({quantized.get('chosen_method')})"
+            )
+            print(f"     gate                      {quantized.get('message')}")
+        evaluated = client.xcom(DAG_ID, run_id, "evaluate")
+        if isinstance(evaluated, dict):
+            print(f"   evaluation report           {evaluated.get('report_uri')}")
+            print(f"     gate                      {evaluated.get('message')}")
+        registered = client.xcom(DAG_ID, run_id, "register")
+        if isinstance(registered, dict):
+            print(f"   registered model            {registered.get('uri')}  ({self.mlflow_url}/#/models)")
+        deployed = client.xcom(DAG_ID, run_id, "deploy")
+        rolled = client.xcom(DAG_ID, run_id, "rollout")
+        if isinstance(deployed, dict):
+            url = deployed.get("url")
+            print(f"   endpoint                    {url}  (variant {deployed.get('variant')}; OpenAPI: {url}/docs)")
+            if isinstance(rolled, dict):
+                print(f"     rollout                   {rolled.get('message')}")
+            print(
+                "     try it                    curl -s -X POST "
+                f"{url}/v1/classify -H 'Content-Type: application/json' -d '{{\"inputs\": \"do you like pizza?\"}}'"
+            )
+            print(f"     request log               {deployed.get('platform_kwargs', {}).get('endpoints_root')}/")
 
     def print_access(self) -> None:
         password = generated_admin_password(self.home)
@@ -166,6 +191,15 @@ class Demo:
                 print(f"stopped {name} (pid {pid})")
                 stopped = True
             pid_file.unlink(missing_ok=True)
+        from airflow_llmops.platforms.local_serving import LocalEndpoints
+
+        endpoints_root = self.home / "llmops" / "endpoints"
+        for folder in sorted(endpoints_root.glob("*/server.json")):
+            record = json.loads(folder.read_text())
+            if _pid_alive(int(record["pid"])):
+                LocalEndpoints(endpoints_root).stop_server(folder.parent.name)
+                print(f"stopped endpoint {folder.parent.name} (pid {record['pid']})")
+                stopped = True
         if not stopped:
             print("nothing to stop: no airflow standalone or MLflow server started by the demo is running")
         return 0

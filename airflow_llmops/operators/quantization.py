@@ -31,6 +31,8 @@ class QuantizeModelOperator(LLMOpsBaseOperator):
     :param dataset_uri: prepared dataset whose validation split is measured (templated).
     :param spec: :class:`~airflow_llmops.specs.QuantizationSpec` or a mapping / JSON of one (templated).
     :param mlflow_tracking_uri: where to log the comparison; default ``[llmops] mlflow_tracking_uri``.
+    :param fallback_to_source: when no method passes the gate, hand on the full-precision model (the task
+        succeeds with ``chosen_method: "none"`` and says why) instead of failing.
     """
 
     template_fields: Sequence[str] = (
@@ -51,9 +53,11 @@ class QuantizeModelOperator(LLMOpsBaseOperator):
         spec: QuantizationSpec | Mapping[str, Any] | str | None = None,
         mlflow_tracking_uri: str | None = None,
         experiment: str = "llmops",
+        fallback_to_source: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.fallback_to_source = fallback_to_source
         self.model_uri = model_uri
         self.dataset_uri = dataset_uri
         self.spec = spec
@@ -85,15 +89,18 @@ class QuantizeModelOperator(LLMOpsBaseOperator):
         run_id = self._log_to_mlflow(context, report, table)
         QuantizationReportLink().persist(context, str(target / "comparison.json"))
         decision = report.decision
-        if not decision.passed:
-            raise AirflowFailException(f"{self.task_id}: quantization gate failed: {decision.message}")
         chosen = report.row(decision.chosen) if decision.chosen else None
         chosen_uri = None
-        if chosen is not None and chosen.artifact:
+        if not decision.passed or chosen is None:
+            if not self.fallback_to_source:
+                raise AirflowFailException(f"{self.task_id}: quantization gate failed: {decision.message}")
+            self.log.warning("No method passed the gate; handing on the full-precision model %s", self.model_uri)
+            chosen_uri = str(self.model_uri)
+        elif chosen.artifact:
             chosen_uri = str(target / chosen.method) if staging is not None else chosen.artifact
         return {
             "passed": decision.passed,
-            "chosen_method": decision.chosen,
+            "chosen_method": decision.chosen if chosen_uri != str(self.model_uri) else "none",
             "chosen_model_uri": chosen_uri,
             "message": decision.message,
             "source_model_uri": str(self.model_uri),

@@ -72,7 +72,10 @@ def test_demo_runs_the_pipeline_and_reuses_airflow_on_rerun(tmp_path: Path):
         # Unpausing also lets the daily schedule create its latest run; the demo's own runs are manual.
         assert len(plans) == 1 and json.loads(plans[0].read_text())["platform"] == "local"
 
-        second = _demo(tmp_path, port, "--conf", json.dumps({"rollout_strategy": "shadow", "max_steps": 10}))
+        assert "endpoint" in first.stdout and "curl -s -X POST http://127.0.0.1:" in first.stdout
+        # Ten training steps each: the second model need not beat the first to be shadowed.
+        conf = {"rollout_strategy": "shadow", "max_steps": 10, "min_improvement": -1.0}
+        second = _demo(tmp_path, port, "--conf", json.dumps(conf))
         assert second.returncode == 0, second.stdout + second.stderr
         assert "reusing the Airflow already running" in second.stdout
         plans = sorted((tmp_path / ".llmops" / "artifacts" / "llmops_local").glob("manual__*/plan.json"))
@@ -81,4 +84,5 @@ def test_demo_runs_the_pipeline_and_reuses_airflow_on_rerun(tmp_path: Path):
     finally:
         stopped = _demo(tmp_path, port, "stop")
     assert "stopped airflow standalone" in stopped.stdout and "stopped mlflow server" in stopped.stdout
+    assert "stopped endpoint chatterbot-topics" in stopped.stdout
     assert not (tmp_path / ".airflow" / "standalone.pid").exists()
