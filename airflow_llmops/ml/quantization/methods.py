@@ -217,7 +217,8 @@ def _torchao(model: torch.nn.Module, method: str, embeddings: bool) -> torch.nn.
     ao = import_torchao()
     if method == "torchao_int4_weight_only":
         # Only tinygemm's bf16 CUDA layout needs no extra package; the method is offered only where CUDA exists.
-        model = model.to(device="cuda", dtype=torch.bfloat16)
+        # An explicit index: tensors on "cuda" and storages on "cuda:0" refuse to meet in load_state_dict.
+        model = model.to(device=torch.device("cuda", torch.cuda.current_device()), dtype=torch.bfloat16)
         config = ao.Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, int4_packing_format="tile_packed_to_4d")
     elif method == "torchao_int8_dynamic":
         config = ao.Int8DynamicActivationInt8WeightConfig()
@@ -239,7 +240,8 @@ def load_torch_artifact(artifact: QuantizedArtifact) -> torch.nn.Module:
     model = auto_class(artifact.task).from_config(config, dtype=torch.float32).eval()
     embeddings = bool(artifact.options.get("quantize_embeddings", True))
     model = apply_torch_method(model, artifact.method, quantize_embeddings=embeddings)
-    device = "cuda" if artifact.method == "torchao_int4_weight_only" else "cpu"
+    int4 = artifact.method == "torchao_int4_weight_only"
+    device = torch.device("cuda", torch.cuda.current_device()) if int4 else torch.device("cpu")
     with _quiet():
         state = torch.load(path / TORCH_WEIGHTS, map_location=device, weights_only=True)
         # assign=True: torchao's weights are tensor subclasses that must replace the parameters, not be copied.
