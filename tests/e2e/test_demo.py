@@ -60,7 +60,8 @@ def test_demo_runs_the_pipeline_and_reuses_airflow_on_rerun(tmp_path: Path):
     while port_open(port + 1):
         port = free_port()
     try:
-        first = _demo(tmp_path, port, "--conf", json.dumps({"max_steps": 10}))
+        quick = {"max_steps": 10, "quantization_methods": ["torch_dynamic_int8"]}
+        first = _demo(tmp_path, port, "--conf", json.dumps(quick))
         log = (tmp_path / ".airflow" / "standalone.log").read_text(errors="replace")[-3000:]
         assert first.returncode == 0, first.stdout + first.stderr + log
         assert "starting airflow standalone" in first.stdout
@@ -74,7 +75,7 @@ def test_demo_runs_the_pipeline_and_reuses_airflow_on_rerun(tmp_path: Path):
 
         assert "endpoint" in first.stdout and "curl -s -X POST http://127.0.0.1:" in first.stdout
         # Ten training steps each: the second model need not beat the first to be shadowed.
-        conf = {"rollout_strategy": "shadow", "max_steps": 10, "min_improvement": -1.0}
+        conf = {**quick, "rollout_strategy": "shadow", "min_improvement": -1.0}
         second = _demo(tmp_path, port, "--conf", json.dumps(conf))
         assert second.returncode == 0, second.stdout + second.stderr
         assert "reusing the Airflow already running" in second.stdout

@@ -48,6 +48,10 @@ def redis_url():
 
 def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str, redis_url: str):
     from airflow_llmops.devstack.cluster import AirflowCluster
+    from airflow_llmops.devstack.mlflow_server import MLflowServer
+    from airflow_llmops.platforms.local_serving import LocalEndpoints
+
+    mlflow_server = MLflowServer(tmp_path / "mlflow").start()
 
     result_backend = "db+" + postgres_db.replace("+psycopg2", "")
     env = {
@@ -58,14 +62,21 @@ def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
         "AIRFLOW__LLMOPS__ARTIFACT_ROOT": str(tmp_path / "artifacts"),
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",  # only the run the test triggers
+        "AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI": mlflow_server.url,
+        "AIRFLOW__LLMOPS__LOCAL_ENDPOINTS_ROOT": str(tmp_path / "endpoints"),
     }
-    components = ("api-server", "scheduler", "dag-processor", "celery worker")
-    with AirflowCluster(tmp_path / "home", DAGS, extra_env=env, components=components) as cluster:
+    # The triggerer walks the deferred rollout.
+    components = ("api-server", "scheduler", "dag-processor", "triggerer", "celery worker")
+    with (
+        AirflowCluster(tmp_path / "home", DAGS, extra_env=env, components=components) as cluster,
+        _stopped(mlflow_server, LocalEndpoints(tmp_path / "endpoints")),
+    ):
         client = cluster.client
         client.wait_for_dag("llmops_local", timeout=240)
         client.unpause("llmops_local")
-        run_id = client.trigger("llmops_local", {"rollout_strategy": "blue_green", "max_steps": 20})
-        state = client.wait_for_run("llmops_local", run_id, timeout=300, check=cluster.assert_alive)
+        conf = {"rollout_strategy": "blue_green", "max_steps": 20, "quantization_methods": ["torch_dynamic_int8"]}
+        run_id = client.trigger("llmops_local", conf)
+        state = client.wait_for_run("llmops_local", run_id, timeout=900, check=cluster.assert_alive)
         cluster.assert_alive()
         tis = {ti["task_id"]: ti for ti in client.task_instances("llmops_local", run_id)}
         worker_log = cluster.log("celery worker").read_text(errors="replace")
@@ -82,3 +93,21 @@ def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str
         assert Path(plan["plan_uri"].removeprefix("file://")).is_file()
         assert tis["train"]["state"] == "success" and tis["validate"]["state"] == "success"
         assert os.path.commonpath([plan["plan_uri"].removeprefix("file://"), str(tmp_path)]) == str(tmp_path)
+        rolled = client.xcom("llmops_local", run_id, "rollout")
+        assert rolled["state"] == "succeeded" and tis["rollout"]["state"] == "success"
+        deployed = client.xcom("llmops_local", run_id, "deploy")
+        assert deployed["url"].startswith("http://127.0.0.1:")
+
+
+class _stopped:
+    """Stops the MLflow server and the endpoint the run started, whatever the test's outcome."""
+
+    def __init__(self, server, endpoints) -> None:
+        self.server, self.endpoints = server, endpoints
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self.endpoints.stop_server("chatterbot-topics")
+        self.server.stop()

@@ -25,7 +25,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     dataset = prepare_chatterbot(tmp_path_factory.mktemp("dataset"), topics="ai,food,greetings,money")
-    return train_classifier(tmp_path_factory.mktemp("job"), dataset, steps=40), dataset
+    return train_classifier(tmp_path_factory.mktemp("job"), dataset, steps=20), dataset
 
 
 def _run(conf):
@@ -99,13 +99,4 @@ def test_the_gates_fail_with_both_numbers_and_the_threshold(airflow_db, trained,
     out, err = capfd.readouterr()
     assert "required >= +0.5000" in out + err and "vs champion" in out + err
 
-    strict = _run({**conf, "max_quality_drop": 0.0})
-    quantize = strict.get_task_instance("quantize")
-    drop = json.loads(Path(_report(run)).read_text())["rows"][1]["quality_drop"]
-    # Tolerance 0 fails exactly when int8 loses anything on the validation split.
-    assert quantize.state == ("failed" if drop > 0 else "success"), drop
-
-
-def _report(run) -> str:
-    xcom = run.get_task_instance("quantize").xcom_pull(task_ids="quantize")
-    return xcom["report_uri"].removeprefix("file://")
+    # The tolerance gate itself (0 points fails on any loss) is checked on measured rows in test_quantize.py.

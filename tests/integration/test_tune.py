@@ -67,21 +67,24 @@ def _tune(spec: dict, job_dir: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
 
 
-def test_a_second_attempt_continues_the_study(dataset, tmp_path):
+def test_a_second_attempt_continues_the_study(dataset, tmp_path, capsys):
+    from airflow_llmops.ml.tune import main
+
     spec = {
-        "training": {"dataset_uri": str(dataset), "max_steps": 2, "per_device_batch_size": 8, "max_seq_length": 32},
+        "training": {"dataset_uri": str(dataset), "max_steps": 1, "per_device_batch_size": 8, "max_seq_length": 16},
         "search_space": {"learning_rate": {"type": "categorical", "choices": [1e-4, 2e-4]}},
         "n_trials": 1,
-        "eval_every_steps": 2,
+        "eval_every_steps": 1,
         "pruner": "none",
     }
-    first = _tune(spec, tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = _tune({**spec, "n_trials": 2}, tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
+    args = ["--job-dir", str(tmp_path), "--spec"]
+    assert main([*args, json.dumps(spec)]) == 0  # in-process: the study, not the interpreter start, is tested
+    capsys.readouterr()
+    assert main([*args, json.dumps({**spec, "n_trials": 2})]) == 0
+    second = capsys.readouterr().out
     result = json.loads((tmp_path / "result.json").read_text())
     assert [t["number"] for t in result["trials"]] == [0, 1]  # trial 0 was not run again
-    assert second.stdout.count("[tune] trial 0 ") == 0 and "[tune] trial 1 params" in second.stdout
+    assert "[tune] trial 0 " not in second and "[tune] trial 1 params" in second
 
 
 def test_bad_input_is_reported_before_any_trial(dataset, tmp_path):
