@@ -75,3 +75,7 @@ class QuantizationReportLink(_XComLink):
 
 class EndpointLink(_XComLink):
     label = "Endpoint"
+
+
+class DriftReportLink(_XComLink):
+    label = "Drift report"

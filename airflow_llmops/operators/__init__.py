@@ -3,6 +3,7 @@
 from airflow_llmops.operators.base import LLMOpsBaseOperator
 from airflow_llmops.operators.data import PrepareDatasetOperator, ValidateDatasetOperator
 from airflow_llmops.operators.deploy import DeployModelOperator
+from airflow_llmops.operators.drift import DriftCheckOperator, EndpointMetricsOperator
 from airflow_llmops.operators.evaluation import EvaluateModelOperator
 from airflow_llmops.operators.plan import PlanRunOperator
 from airflow_llmops.operators.quantization import QuantizeModelOperator
@@ -12,6 +13,8 @@ from airflow_llmops.operators.tuning import TuneHyperparametersOperator
 
 __all__ = [
     "DeployModelOperator",
+    "DriftCheckOperator",
+    "EndpointMetricsOperator",
     "EvaluateModelOperator",
     "LLMOpsBaseOperator",
     "PlanRunOperator",

@@ -115,17 +115,26 @@ class RequestLogWriter:
             self._file.close()
 
 
-def read_request_log(folder: str | Path, *, since: float | None = None) -> Iterator[dict[str, Any]]:
+def read_request_log(
+    folder: str | Path,
+    *,
+    since: float | None = None,
+    on_corrupt: Callable[[Path, int], None] | None = None,
+) -> Iterator[dict[str, Any]]:
     """Records of every ``requests-*.jsonl`` file in ``folder``, oldest file first; ``since`` filters on ``ts``.
 
-    A line cut short (the server was writing it) is skipped.
+    A line that is not a JSON object (cut short while the server was writing it, or damaged) is skipped;
+    ``on_corrupt(path, line_number)`` is called for each one, so a caller can count them.
     """
     for path in sorted(Path(folder).glob(f"{PREFIX}*{SUFFIX}")):
-        with path.open(encoding="utf-8") as lines:
-            for line in lines:
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
                 try:
                     record = json.loads(line)
-                except ValueError:
+                    ts = float(record.get("ts", 0))
+                except (ValueError, TypeError, AttributeError):  # not JSON, not an object, or a bad ``ts``
+                    if on_corrupt is not None and line.strip():
+                        on_corrupt(path, number)
                     continue
-                if isinstance(record, dict) and (since is None or float(record.get("ts", 0)) >= since):
+                if since is None or ts >= since:
                     yield record

@@ -27,6 +27,7 @@ class DriftPolicy(Spec):
     column_threshold: float | None = Field(default=None, gt=0)
     drift_share: float = Field(default=0.5, gt=0, le=1, description="share of drifted columns that marks drift")
     min_drifted_checks: int = Field(default=1, ge=1)
+    embedding_model: str = Field(default="all-MiniLM-L6-v2", min_length=1, description="sentence encoder")
     cooldown_hours: float = Field(default=24.0, ge=0, description="no second retrain signal inside this period")
     seed: int = 0
 

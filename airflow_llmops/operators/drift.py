@@ -1,0 +1,442 @@
+"""DriftCheckOperator: one window of an endpoint's request log against the training data, and the retrain signal."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import Asset, AssetAlias, ObjectStoragePath
+from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_llmops.links.artifacts import DriftReportLink
+from airflow_llmops.operators.base import LLMOpsBaseOperator, as_storage_path, local_folder
+from airflow_llmops.operators.training import default_mlflow_tracking_uri
+from airflow_llmops.specs import DriftPolicy, SpecValidationError
+from airflow_llmops.uris import display_uri
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_llmops.ml.drift import DriftResult
+
+
+def drift_asset(model: str) -> Asset:
+    """The Asset a drifted window of ``model``'s traffic updates (``x-`` scheme: no provider URI handlers load
+    at parse time). Its events carry the scores and the window in ``extra``; schedule a retrain DAG on it."""
+    return Asset(f"x-llmops://{model}/drift", group="llmops-drift")
+
+
+def drift_alias(model: str) -> AssetAlias:
+    """The outlet :class:`DriftCheckOperator` declares: an event reaches :func:`drift_asset` through it only when
+    a window drifts outside the cooldown (a plain Asset outlet records an event on every successful run)."""
+    return AssetAlias(f"llmops-drift-{model}")
+
+
+def _timestamp(value: Any) -> float | None:
+    if value is None or value in {"", "None"}:
+        return None
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    if isinstance(value, int | float):
+        return float(value)
+    text = str(value)
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise AirflowFailException(f"window_end={text!r} is neither unix seconds nor an ISO 8601 time") from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+def _mlflow_run(tracking: str, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[Any, Any]:
+    """(client, run): a new MLflow run in ``experiment`` (created when missing)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    return client, client.create_run(experiment_id, run_name=run_name, tags=tags)
+
+
+class DriftCheckOperator(LLMOpsBaseOperator):
+    """Compare the last ``policy.window_minutes`` of an endpoint's request log with the training split of the
+    prepared dataset it was trained on (Evidently: text descriptors, all-MiniLM-L6-v2 embeddings, predicted
+    labels, latency; see :mod:`airflow_llmops.ml.drift`).
+
+    Writes the Evidently HTML reports and ``drift.json`` to the run folder (linked from the task), logs the scores
+    to MLflow when a tracking URI is configured, and returns a summary. When the window drifts, an event with the
+    scores and the window in ``extra`` is added to :func:`drift_asset` (through the :func:`drift_alias` outlet)
+    unless the last signal is less than ``policy.cooldown_hours`` old; the cooldown is kept in ``state_uri``.
+
+    :param model_name: names the drift Asset ``x-llmops://<model_name>/drift``.
+    :param reference_uri: prepared dataset folder (``manifest.json``, ``train.parquet``; templated).
+    :param request_log_uri: folder of the endpoint's ``requests-*.jsonl`` files (templated).
+    :param endpoint_name: a local endpoint whose log to read when ``request_log_uri`` is not given (templated):
+        ``<[llmops] local_endpoints_root>/<endpoint_name>/requests``.
+    :param policy: :class:`DriftPolicy`, a mapping or JSON of one (templated).
+    :param window_end: end of the window: unix seconds, ISO 8601 or a datetime (templated); default the run's
+        data interval end, else now.
+    :param latency_baseline_uri: JSON file ``{"latency_ms": [...]}`` of reference latencies (templated); default
+        ``<request log>/../drift-latency-baseline.json``, written from the log's earliest window when missing.
+    :param state_uri: JSON file with the last retrain signal (templated); default
+        ``<request log>/../drift-state.json``.
+    :param cache_uri: local folder for cached reference embeddings; default ``<artifact_root>/drift-cache``.
+    :param mlflow_tracking_uri: default ``[llmops] mlflow_tracking_uri`` or ``$MLFLOW_TRACKING_URI``; empty: none.
+    """
+
+    template_fields: Sequence[str] = (
+        *LLMOpsBaseOperator.template_fields,
+        "model_name",
+        "reference_uri",
+        "request_log_uri",
+        "endpoint_name",
+        "policy",
+        "window_end",
+        "latency_baseline_uri",
+        "state_uri",
+        "mlflow_tracking_uri",
+    )
+    operator_extra_links = (DriftReportLink(),)
+    ui_color = "#fff3e0"
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        reference_uri: str,
+        request_log_uri: str | None = None,
+        endpoint_name: str | None = None,
+        policy: DriftPolicy | Mapping[str, Any] | str | None = None,
+        window_end: Any = None,
+        latency_baseline_uri: str | None = None,
+        state_uri: str | None = None,
+        cache_uri: str | None = None,
+        mlflow_tracking_uri: str | None = None,
+        experiment: str = "llmops-drift",
+        **kwargs: Any,
+    ) -> None:
+        if "outlets" not in kwargs and model_name and "{{" not in model_name:
+            kwargs["outlets"] = [drift_alias(model_name)]
+        super().__init__(**kwargs)
+        self.model_name = model_name
+        self.reference_uri = reference_uri
+        self.request_log_uri = request_log_uri
+        self.endpoint_name = endpoint_name
+        self.policy = policy
+        self.window_end = window_end
+        self.latency_baseline_uri = latency_baseline_uri
+        self.state_uri = state_uri
+        self.cache_uri = cache_uri
+        self.mlflow_tracking_uri = mlflow_tracking_uri
+        self.experiment = experiment
+
+    # ---- inputs ------------------------------------------------------------------------------------------------
+    def _policy(self) -> DriftPolicy:
+        try:
+            return DriftPolicy.parse(self.policy)
+        except SpecValidationError as err:
+            raise AirflowFailException(str(err)) from None
+
+    def _log_path(self) -> ObjectStoragePath:
+        if not self.request_log_uri:
+            from airflow_llmops.operators.deploy import default_endpoints_root
+
+            if not self.endpoint_name:
+                raise AirflowFailException(f"{self.task_id}: give request_log_uri or endpoint_name")
+            self.request_log_uri = f"{default_endpoints_root().rstrip('/')}/{self.endpoint_name}/requests"
+        return as_storage_path(str(self.request_log_uri))
+
+    def _beside_log(self, name: str, override: str | None) -> ObjectStoragePath:
+        return as_storage_path(override) if override else self._log_path().parent / name
+
+    def _local_log(self, workdir: Path) -> Path:
+        """The request log as a local folder; a remote one is copied (its ``requests-*.jsonl`` files) first."""
+        path = self._log_path()
+        local = local_folder(path)
+        if local is not None:
+            return local
+        target = workdir / "requests"
+        target.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            for item in path.iterdir():
+                if item.name.startswith("requests-") and item.name.endswith(".jsonl"):
+                    (target / item.name).write_bytes(item.read_bytes())
+        return target
+
+    def _window_end(self, context: Context) -> float:
+        end = _timestamp(self.window_end)
+        if end is None:
+            end = _timestamp(context.get("data_interval_end"))
+        return end if end is not None else time.time()
+
+    def _latency_baseline(self, log: Path, start: float, policy: DriftPolicy) -> tuple[list[float], str]:
+        from airflow_llmops.ml.drift import earliest_latencies
+
+        path = self._beside_log("drift-latency-baseline.json", self.latency_baseline_uri)
+        if path.exists():
+            return [float(v) for v in json.loads(path.read_text())["latency_ms"]], display_uri(path)
+        values = earliest_latencies(
+            log, span_s=policy.window_minutes * 60, before=start, limit=max(policy.sample_size, 1000)
+        )
+        if len(values) < policy.min_rows:
+            return [], ""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"latency_ms": values, "source": "earliest window of the request log"}))
+        self.log.info("Latency baseline: %d latencies of the log's earliest window, saved to %s", len(values), path)
+        return values, display_uri(path)
+
+    # ---- cooldown ----------------------------------------------------------------------------------------------
+    def _in_cooldown(self, state: ObjectStoragePath, end: float, run_id: str, hours: float) -> dict[str, Any] | None:
+        """The last signal when it is less than ``hours`` before ``end`` (a retry of the signalling run is not)."""
+        try:
+            last = dict(json.loads(state.read_text())).get(self.model_name)
+        except (FileNotFoundError, ValueError):
+            return None
+        if not isinstance(last, dict) or last.get("run_id") == run_id:
+            return None
+        age = end - float(last.get("window_end", 0))
+        return last if 0 <= age < hours * 3600 else None
+
+    def _record_signal(self, state: ObjectStoragePath, record: dict[str, Any]) -> None:
+        try:
+            data = dict(json.loads(state.read_text()))
+        except (FileNotFoundError, ValueError):
+            data = {}
+        data[self.model_name] = record
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps(data, indent=1))
+
+    # ---- run ---------------------------------------------------------------------------------------------------
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_llmops.ml.drift import DriftError, compute_drift, load_reference, read_window
+
+        policy = self._policy()
+        self._log_path()  # resolves request_log_uri
+        end = self._window_end(context)
+        start = end - policy.window_minutes * 60
+        out = self.run_folder(context) / "drift"
+        with tempfile.TemporaryDirectory(prefix="llmops-drift-") as tmp:
+            work = Path(tmp)
+            try:
+                reference = load_reference(self._local_reference(work))
+            except DriftError as err:
+                raise AirflowFailException(f"{self.task_id}: {err}") from None
+            log = self._local_log(work)
+            window = read_window(log, start, end)
+            baseline: list[float] = []
+            baseline_uri = ""
+            if "latency" in policy.checks:
+                baseline, baseline_uri = self._latency_baseline(log, start, policy)
+            result = compute_drift(
+                reference,
+                window,
+                policy,
+                reference_latency=baseline,
+                cache_dir=self._cache_dir(),
+                report_dir=work / "report",
+            )
+            summary = self._summary(result, policy, reference.content_hash, baseline_uri)
+            (work / "report" / "drift.json").parent.mkdir(parents=True, exist_ok=True)
+            (work / "report" / "drift.json").write_text(json.dumps(summary, indent=1, default=str))
+            for file in sorted((work / "report").iterdir()):
+                (out / file.name).parent.mkdir(parents=True, exist_ok=True)
+                (out / file.name).write_bytes(file.read_bytes())
+        main_report = out / "drift-report.html"
+        summary["report_uri"] = display_uri(main_report if main_report.exists() else out / "drift.json")
+        DriftReportLink().persist(context, summary["report_uri"])
+        self.log.info(
+            "Window %s .. %s of %s: %s (%s); %d rows, %d sampled, %d corrupt log lines; scores %s",
+            summary["window"]["start_iso"],
+            summary["window"]["end_iso"],
+            self.model_name,
+            result.verdict,
+            result.note,
+            result.rows,
+            result.sampled_rows,
+            result.corrupt_lines,
+            result.scores(),
+        )
+        self._log_to_mlflow(context, result, summary, work_reports=[out / Path(p).name for p in result.reports])
+        summary["signal"] = self._signal(context, result, summary, policy)
+        return summary
+
+    def _local_reference(self, work: Path) -> Path:
+        path = as_storage_path(str(self.reference_uri))
+        local = local_folder(path)
+        if local is not None:
+            return local
+        target = work / "reference"
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("manifest.json", "train.parquet"):
+            if (path / name).exists():
+                (target / name).write_bytes((path / name).read_bytes())
+        return target
+
+    def _cache_dir(self) -> Path | None:
+        if self.cache_uri:
+            return Path(str(self.cache_uri).removeprefix("file://"))
+        return local_folder(self.artifact_base() / "drift-cache")
+
+    def _summary(self, result: DriftResult, policy: DriftPolicy, content_hash: str, baseline: str) -> dict[str, Any]:
+        summary = result.to_dict()
+        iso = {
+            f"{k}_iso": dt.datetime.fromtimestamp(v, tz=dt.timezone.utc).isoformat()
+            for k, v in summary["window"].items()
+        }
+        summary["window"].update(iso)
+        summary.update(
+            model=self.model_name,
+            reference_uri=str(self.reference_uri),
+            reference_content_hash=content_hash,
+            request_log_uri=str(self.request_log_uri),
+            latency_baseline_uri=baseline,
+            scores=result.scores(),
+            policy=policy.to_dict(),
+        )
+        return summary
+
+    def _signal(self, context: Context, result: DriftResult, summary: dict[str, Any], policy: DriftPolicy) -> str:
+        """``emitted``, ``cooldown`` (drifted, but a signal went out recently) or ``none``."""
+        if not result.drift:
+            return "none"
+        state = self._beside_log("drift-state.json", self.state_uri)
+        last = self._in_cooldown(state, result.window_end, context["run_id"], policy.cooldown_hours)
+        if last is not None:
+            self.log.warning(
+                "Drift detected, but the last retrain signal (run %s, window end %s) is within the %s h cooldown: "
+                "no asset event",
+                last.get("run_id"),
+                last.get("window_end_iso"),
+                policy.cooldown_hours,
+            )
+            return "cooldown"
+        extra = {
+            "model": self.model_name,
+            "window": summary["window"],
+            "scores": summary["scores"],
+            "drifted_checks": result.drifted_checks,
+            "rows": result.rows,
+            "reference_uri": summary["reference_uri"],
+            "reference_content_hash": summary["reference_content_hash"],
+            "report_uri": summary["report_uri"],
+            "dag_run": f"{context['dag'].dag_id}/{context['run_id']}",
+        }
+        alias = drift_alias(self.model_name)
+        context["outlet_events"][alias].add(drift_asset(self.model_name), extra=extra)
+        self._record_signal(
+            state,
+            {
+                "run_id": context["run_id"],
+                "window_end": result.window_end,
+                "window_end_iso": summary["window"]["end_iso"],
+                "signalled_at": time.time(),
+            },
+        )
+        self.log.info("Drift: event on %s with %s", drift_asset(self.model_name).uri, extra["scores"])
+        return "emitted"
+
+    def _log_to_mlflow(
+        self, context: Context, result: DriftResult, summary: dict[str, Any], work_reports: list[ObjectStoragePath]
+    ) -> None:
+        tracking = self.mlflow_tracking_uri if self.mlflow_tracking_uri is not None else default_mlflow_tracking_uri()
+        if not tracking:
+            return
+        client, run = _mlflow_run(
+            tracking,
+            self.experiment,
+            f"{self.model_name}-{int(result.window_end)}",
+            {"llmops.model": self.model_name, "llmops.dag_run": f"{context['dag'].dag_id}/{context['run_id']}"},
+        )
+        step = int(result.window_end)
+        metrics = {
+            **{f"drift.{k}": v for k, v in result.scores().items()},
+            "drift.detected": float(result.drift),
+            "drift.rows": float(result.rows),
+            "drift.corrupt_lines": float(result.corrupt_lines),
+        }
+        for key, value in metrics.items():
+            client.log_metric(run.info.run_id, key, value, step=step)
+        client.log_param(run.info.run_id, "verdict", result.verdict)
+        with tempfile.TemporaryDirectory() as tmp:
+            for report in work_reports:
+                local = Path(tmp) / report.name
+                local.write_bytes(report.read_bytes())
+                client.log_artifact(run.info.run_id, str(local), "drift")
+        client.set_terminated(run.info.run_id)
+        summary["mlflow_run_id"] = run.info.run_id
+
+
+class EndpointMetricsOperator(LLMOpsBaseOperator):
+    """Record a local endpoint's live metrics per variant (p50/p95 latency, throughput, error rate) over the last
+    ``window_minutes`` to MLflow, and return them. It never starts a server: with no ``server.json`` or no
+    answer the task is skipped with the reason.
+
+    :param endpoint_name: the endpoint (templated).
+    :param endpoints_root: folder of the local endpoints (templated); default ``[llmops] local_endpoints_root``.
+    """
+
+    template_fields: Sequence[str] = (*LLMOpsBaseOperator.template_fields, "endpoint_name", "endpoints_root")
+    ui_color = "#fff3e0"
+
+    def __init__(
+        self,
+        *,
+        endpoint_name: str,
+        endpoints_root: str | None = None,
+        window_minutes: float = 60,
+        mlflow_tracking_uri: str | None = None,
+        experiment: str = "llmops-endpoints",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.endpoint_name = endpoint_name
+        self.endpoints_root = endpoints_root
+        self.window_minutes = window_minutes
+        self.mlflow_tracking_uri = mlflow_tracking_uri
+        self.experiment = experiment
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from airflow_llmops.operators.deploy import default_endpoints_root
+        from airflow_llmops.serving.client import ServingClient, ServingClientError
+
+        folder = Path(str(self.endpoints_root or default_endpoints_root()).removeprefix("file://")) / self.endpoint_name
+        try:
+            url = str(json.loads((folder / "server.json").read_text())["url"])
+            token = (folder / "admin-token").read_text().strip()
+        except (OSError, ValueError, KeyError) as err:
+            raise AirflowSkipException(f"endpoint {self.endpoint_name}: no running local server ({err})") from None
+        since = time.time() - self.window_minutes * 60
+        try:
+            with ServingClient(url, token, timeout=30) as client:
+                variants = client.metrics(since)
+        except ServingClientError as err:
+            raise AirflowSkipException(f"endpoint {self.endpoint_name} at {url} did not answer: {err}") from None
+        metrics: dict[str, float] = {}
+        for variant, values in variants.items():
+            requests = float(values.get("requests") or 0)
+            metrics[f"{variant}.requests_per_minute"] = requests / self.window_minutes
+            for key in ("p50_latency_ms", "p95_latency_ms", "error_rate", "requests", "errors"):
+                if values.get(key) is not None:
+                    metrics[f"{variant}.{key}"] = float(values[key])
+        self.log.info("Endpoint %s, last %s min: %s", self.endpoint_name, self.window_minutes, metrics)
+        tracking = self.mlflow_tracking_uri if self.mlflow_tracking_uri is not None else default_mlflow_tracking_uri()
+        run_id = ""
+        if tracking and metrics:
+            tracker, run = _mlflow_run(
+                tracking, self.experiment, f"{self.endpoint_name}-{int(since)}", {"llmops.endpoint": self.endpoint_name}
+            )
+            for key, value in metrics.items():
+                tracker.log_metric(run.info.run_id, key, value, step=int(since))
+            tracker.set_terminated(run.info.run_id)
+            run_id = run.info.run_id
+        return {"endpoint": self.endpoint_name, "since": since, "metrics": metrics, "mlflow_run_id": run_id}
