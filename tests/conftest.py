@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +111,13 @@ def train_classifier(job_dir: Path, dataset: Path, *, steps: int = 40, learning_
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return Path(json.loads((job_dir / "status.json").read_text())["model_uri"])
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real MLflow tracking server (SQLite backend) for the tests of one module."""
+    from airflow_llmops.devstack.mlflow_server import MLflowServer
+
+    server = MLflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()

@@ -14,15 +14,6 @@ MODEL = "topics-test"
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    from airflow_llmops.devstack.mlflow_server import MLflowServer
-
-    server = MLflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     dataset = prepare_chatterbot(tmp_path_factory.mktemp("dataset"), topics="ai,food,greetings,money")
     return train_classifier(tmp_path_factory.mktemp("job"), dataset, steps=20), dataset

@@ -52,15 +52,6 @@ def test_local_dag_params_are_typed_and_validated():
     assert params.get_param("rollout_strategy").resolve("blue_green") == "blue_green"
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    from airflow_llmops.devstack.mlflow_server import MLflowServer
-
-    server = MLflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    yield server
-    server.stop()
-
-
 def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db, mlflow_server, monkeypatch):
     from dags_under_test import load_dag
 

@@ -13,15 +13,6 @@ from conftest import prepare_chatterbot
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    from airflow_llmops.devstack.mlflow_server import MLflowServer
-
-    server = MLflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return prepare_chatterbot(tmp_path_factory.mktemp("dataset"), topics="ai,food,greetings,money")
 
