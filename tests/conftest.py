@@ -113,9 +113,10 @@ def train_classifier(job_dir: Path, dataset: Path, *, steps: int = 40, learning_
     return Path(json.loads((job_dir / "status.json").read_text())["model_uri"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A real MLflow tracking server (SQLite backend) for the tests of one module."""
+    """A real MLflow tracking server (SQLite backend), one for the session (starting one takes ~15 s); modules use
+    their own experiment and registered-model names."""
     from airflow_llmops.devstack.mlflow_server import MLflowServer
 
     server = MLflowServer(tmp_path_factory.mktemp("mlflow")).start()

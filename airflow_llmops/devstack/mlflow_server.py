@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -40,7 +41,15 @@ class MLflowServer:
 
     def start(self, *, timeout: float = 180.0) -> MLflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
-        self.process = ManagedProcess("mlflow server", self.argv(), self.root / "server.log", cwd=self.root).start()
+        # MLflow 3's job runner (GenAI judges and prompt optimisation, unused here) forks about eight huey consumer
+        # processes that each import MLflow and then poll: a CPU core's worth on a small machine. Off unless asked.
+        env = {
+            **os.environ,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+        }
+        self.process = ManagedProcess(
+            "mlflow server", self.argv(), self.root / "server.log", env=env, cwd=self.root
+        ).start()
         self.process.wait_until(self.healthy, timeout=timeout, what="healthy MLflow server", interval=1)
         return self
 
