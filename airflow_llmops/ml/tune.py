@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from airflow_llmops.jsonfiles import read_json_object
 from airflow_llmops.ml.training.errors import TrainingInputError
 from airflow_llmops.ml.training.jobdir import JobDir
 from airflow_llmops.specs.base import SpecValidationError
@@ -167,7 +168,7 @@ class Study:
 
     def _after_trial(self, trial: Any, job: JobDir, state: str, value: float | None, seconds: float) -> None:
         trial.set_user_attr("seconds", round(seconds, 2))
-        run_id = _read(job.mlflow).get("run_id")
+        run_id = (read_json_object(job.mlflow) or {}).get("run_id")
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
             self.parent.mark_child(run_id, state)
@@ -303,13 +304,6 @@ class ParentRun:
 
             with contextlib.suppress(Exception):
                 MlflowClient().set_terminated(self.run_id, status="FAILED")
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return {}
 
 
 def check_inputs(spec: TuningSpec, root: Path) -> None:

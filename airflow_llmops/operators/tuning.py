@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_llmops.jsonfiles import read_json_object
 from airflow_llmops.links.mlflow import MLflowRunLink, mlflow_run_url
 from airflow_llmops.operators.base import LLMOpsBaseOperator
 from airflow_llmops.operators.training import default_local_jobs_root, default_mlflow_tracking_uri
@@ -98,7 +98,7 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
         argv += ["--job-dir", str(job_dir)]
         self.log.info("Tuning study %s: %d trials over %s", job_dir, spec.n_trials, sorted(spec.search_space))
         rc = self._stream(argv, env)
-        result = _read(job_dir / "result.json")
+        result = read_json_object(job_dir / "result.json") or {}
         if rc != 0 or result.get("state") != "succeeded":
             message = result.get("message") or f"exit code {rc}"
             if rc == 2:  # bad input: the same spec fails the same way on every retry
@@ -144,10 +144,3 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
                 self._proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(self._proc.pid, signal.SIGKILL)
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return {}

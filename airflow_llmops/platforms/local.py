@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from airflow_llmops.jsonfiles import read_json_object
 from airflow_llmops.platforms.base import JobHandle, JobState, JobStatus
 from airflow_llmops.specs import TrainingSpec
 
@@ -70,13 +71,6 @@ def _alive(pid: int) -> bool:
         if done == pid:
             return False
     return True
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return None
 
 
 def last_progress(job_dir: Path) -> dict[str, Any] | None:
@@ -157,7 +151,7 @@ class LocalPlatform:
         return argv
 
     def _launcher(self, job_dir: Path) -> dict[str, Any] | None:
-        return _read_json(job_dir / PID_FILE)
+        return read_json_object(job_dir / PID_FILE)
 
     # -- protocol ------------------------------------------------------------------------------------------
     def submit_training(self, spec: TrainingSpec, *, job_name: str) -> JobHandle:
@@ -165,7 +159,7 @@ class LocalPlatform:
         and a failed or killed one restarts in the same folder, where training resumes from its checkpoints."""
         job_dir = self.job_dir(job_name)
         launcher = self._launcher(job_dir)
-        status = _read_json(job_dir / "status.json")
+        status = read_json_object(job_dir / "status.json")
         if launcher and (_alive(int(launcher["pid"])) or (status and status.get("state") == "succeeded")):
             return self._handle(job_name, launcher)
         # Workers of a crashed attempt may outlive their launcher and would race the new attempt for the
@@ -207,7 +201,7 @@ class LocalPlatform:
 
     def get_training_status(self, handle: JobHandle) -> JobStatus:
         job_dir = self.job_dir(handle.job_name)
-        status = _read_json(job_dir / "status.json")
+        status = read_json_object(job_dir / "status.json")
         progress = last_progress(job_dir)
         fraction = None
         if progress and progress.get("total_steps"):
@@ -248,8 +242,8 @@ class LocalPlatform:
         return {
             "job_dir": str(job_dir),
             "launcher": self._launcher(job_dir),
-            "status": _read_json(job_dir / "status.json"),
-            "mlflow": _read_json(job_dir / "mlflow.json"),
+            "status": read_json_object(job_dir / "status.json"),
+            "mlflow": read_json_object(job_dir / "mlflow.json"),
             "last_progress": last_progress(job_dir),
             "checkpoints": sorted(p.name for p in (job_dir / "checkpoints").glob("checkpoint-*")),
         }
