@@ -9,6 +9,7 @@ from airflow.sdk import DAG, Param, task
 
 from airflow_llmops.operators.data import dataset_asset
 from airflow_llmops.operators.drift import DriftCheckOperator, EndpointMetricsOperator
+from airflow_llmops.schedules import reference_schedule
 
 DATASET = "chatterbot-topics"
 ENDPOINT = "chatterbot-topics"
@@ -35,7 +36,7 @@ the Asset `x-llmops://chatterbot-topics-classifier/drift`, which schedules `llmo
 with DAG(
     dag_id="llmops_drift_monitor",
     description="Hourly drift check of the local endpoint's traffic",
-    schedule="@hourly",
+    schedule=reference_schedule("@hourly"),  # LLMOPS_REFERENCE_SCHEDULES=off: triggered runs only
     start_date=datetime(2026, 11, 1),
     catchup=False,
     max_active_runs=1,
@@ -47,6 +48,9 @@ with DAG(
         "reference_uri": Param("", type="string", description="prepared dataset; empty: the latest prepared one"),
         "endpoint": Param(ENDPOINT, type="string", minLength=1),
         "window_minutes": Param(60, type="integer", minimum=1),
+        "window_end": Param(
+            "", type="string", description="unix seconds or ISO 8601; empty: the run's data interval end, else now"
+        ),
         "sample_size": Param(2000, type="integer", minimum=30, description="rows compared per window"),
         "cooldown_hours": Param(24, type="number", minimum=0, description="at most one retrain signal per period"),
     },
@@ -70,6 +74,7 @@ with DAG(
         model_name=MODEL,
         reference_uri="{{ ti.xcom_pull(task_ids='reference') }}",
         endpoint_name="{{ params.endpoint }}",  # its request log: <local_endpoints_root>/<endpoint>/requests
+        window_end="{{ params.window_end }}",
         policy={
             "window_minutes": "{{ params.window_minutes }}",
             "sample_size": "{{ params.sample_size }}",

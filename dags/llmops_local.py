@@ -18,6 +18,7 @@ from airflow_llmops.operators import (
 )
 from airflow_llmops.operators.data import dataset_asset
 from airflow_llmops.operators.registry import model_alias_asset
+from airflow_llmops.schedules import reference_schedule
 from airflow_llmops.sensors.rollout import RolloutHealthSensor
 
 DATASET = "chatterbot-topics"
@@ -66,7 +67,7 @@ default_args = {
 with DAG(
     dag_id="llmops_local",
     description="LLM lifecycle on the local platform",
-    schedule="@daily",
+    schedule=reference_schedule("@daily"),  # LLMOPS_REFERENCE_SCHEDULES=off: triggered runs only
     start_date=datetime(2026, 11, 1),
     catchup=False,
     max_active_runs=1,

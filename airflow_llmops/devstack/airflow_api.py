@@ -90,6 +90,24 @@ class AirflowClient:
         out = self._request("POST", f"/api/v2/dags/{urllib.parse.quote(dag_id)}/dagRuns", body)
         return str(out["dag_run_id"])
 
+    def runs(self, dag_id: str, *, limit: int = 20) -> list[dict[str, Any]]:
+        """The DAG's newest runs first."""
+        path = f"/api/v2/dags/{urllib.parse.quote(dag_id)}/dagRuns?order_by=-run_after&limit={limit}"
+        return list(self._request("GET", path)["dag_runs"])
+
+    def set_run_state(self, dag_id: str, run_id: str, state: str) -> None:
+        """Mark a run ``success``, ``failed`` or ``queued`` (marking it failed stops its running tasks)."""
+        path = f"/api/v2/dags/{urllib.parse.quote(dag_id)}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+        self._request("PATCH", path, {"state": state})
+
+    def upstream_asset_events(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """The asset events that created an asset-triggered run."""
+        path = (
+            f"/api/v2/dags/{urllib.parse.quote(dag_id)}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+            "/upstreamAssetEvents"
+        )
+        return list(self._request("GET", path)["asset_events"])
+
     def get_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         path = f"/api/v2/dags/{urllib.parse.quote(dag_id)}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
         return dict(self._request("GET", path))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_llmops.devstack.airflow_api import AirflowClient
+from airflow_llmops.devstack.demo_drift import follow
 from airflow_llmops.devstack.env import airflow_env, generated_admin_password
 from airflow_llmops.devstack.mlflow_server import MLflowServer
 from airflow_llmops.processes import ManagedProcess, port_open, stop_process_group, tail
@@ -38,9 +39,10 @@ class Demo:
         self.mlflow_url = f"http://127.0.0.1:{self.mlflow_port}"
         self.env = airflow_env(self.home, root / "dags", port=port)
         self.env["AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI"] = self.mlflow_url
-        # Unpausing would also start the daily run of the latest interval, and with max_active_runs=1 the
-        # demo's own run would wait for it. Manual runs still run; a deployment keeps its schedule on.
-        self.env["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = "False"
+        # Unpausing would also start the daily (hourly) run of the latest interval, and with max_active_runs=1 the
+        # demo's own run would wait for it: the time-based schedules of the reference DAGs are off here, while the
+        # retrain DAG keeps its schedule on the drift Asset. A deployment keeps them on.
+        self.env["LLMOPS_REFERENCE_SCHEDULES"] = "off"
         self.url = f"http://127.0.0.1:{port}"
 
     def running_pid(self, pid_file: Path | None = None) -> int | None:
@@ -89,32 +91,47 @@ class Demo:
             raise SystemExit(f"no admin password generated in {self.home}; see {self.log_path}")
         return AirflowClient(self.url, "admin", password)
 
-    def run_pipeline(self, conf: dict[str, Any]) -> int:
+    def run_pipeline(self, conf: dict[str, Any], *, drift: bool = True) -> int:
         client = self.client()
         client.wait_for_dag(DAG_ID, timeout=240)
         client.unpause(DAG_ID)
         run_id = client.trigger(DAG_ID, conf)
         print(f">> triggered {DAG_ID} run {run_id} through the REST API; following it")
-        seen: dict[str, str] = {}
-        deadline = time.monotonic() + float(os.environ.get("LLMOPS_DEMO_TIMEOUT", "3600"))
-        state = "queued"
-        while time.monotonic() < deadline:
-            for ti in client.task_instances(DAG_ID, run_id):
-                task_state = str(ti.get("state"))
-                if seen.get(ti["task_id"]) != task_state:
-                    seen[ti["task_id"]] = task_state
-                    print(f"   {ti['task_id']:<24} {task_state}")
-            state = str(client.get_run(DAG_ID, run_id)["state"])
-            if state in ("success", "failed"):
-                break
-            time.sleep(2)
+        state = follow(client, DAG_ID, run_id, timeout=float(os.environ.get("LLMOPS_DEMO_TIMEOUT", "3600")))
         print(f">> run {run_id}: {state}")
-        if state == "success":
+        ok = state == "success"
+        if ok:
             self.print_outputs(client, run_id)
+            if drift:
+                ok = self.run_drift(client, run_id)
         else:
             print(f"   see the task logs in the UI: {self.url}/dags/{DAG_ID}/runs")
         self.print_access()
-        return 0 if state == "success" else 1
+        return 0 if ok else 1
+
+    def run_drift(self, client: AirflowClient, run_id: str | None = None) -> bool:
+        """Shifted traffic to the endpoint of ``run_id`` (default: the newest successful run), the drift monitor,
+        and the retrain run the scheduler starts from the drift Asset."""
+        from airflow_llmops.devstack.demo_drift import closed_loop
+
+        if run_id is None:
+            done = [r for r in client.runs(DAG_ID, limit=50) if r.get("state") == "success"]
+            if not done:
+                print(f"no successful {DAG_ID} run yet: run ./scripts/demo first")
+                return False
+            run_id = str(done[0]["dag_run_id"])
+        deployed = client.xcom(DAG_ID, run_id, "deploy")
+        prepared = client.xcom(DAG_ID, run_id, "prepare")
+        if not isinstance(deployed, dict) or not isinstance(prepared, dict):
+            print(f"run {run_id} of {DAG_ID} deployed no endpoint")
+            return False
+        return closed_loop(
+            client,
+            endpoint_url=str(deployed["url"]),
+            dataset_uri=str(prepared["dataset_uri"]),
+            english=100,
+            spanish=50,
+        )
 
     def print_outputs(self, client: AirflowClient, run_id: str) -> None:
         print("\nWhat the run produced:")
@@ -207,7 +224,14 @@ class Demo:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="airflow-llmops demo", description=__doc__)
-    parser.add_argument("action", nargs="?", default="run", choices=["run", "stop"])
+    parser.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=["run", "drift", "stop"],
+        help="run: the pipeline, then the drift loop; drift: only the drift loop, against the running endpoint",
+    )
+    parser.add_argument("--no-drift", action="store_true", help="run the pipeline only")
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="project folder holding dags/")
     parser.add_argument("--port", type=int, default=int(os.environ.get("LLMOPS_AIRFLOW_PORT", "8080")))
     parser.add_argument("--conf", default="{}", help="JSON conf (Params) for the triggered run")
@@ -221,4 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         print(tail(demo.log_path), file=sys.stderr)
         return 1
-    return demo.run_pipeline(json.loads(args.conf))
+    if args.action == "drift":
+        ok = demo.run_drift(demo.client(), None)
+        demo.print_access()
+        return 0 if ok else 1
+    return demo.run_pipeline(json.loads(args.conf), drift=not args.no_drift)

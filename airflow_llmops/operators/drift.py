@@ -375,9 +375,16 @@ class DriftCheckOperator(LLMOpsBaseOperator):
 
 
 class EndpointMetricsOperator(LLMOpsBaseOperator):
-    """Record a local endpoint's live metrics per variant (p50/p95 latency, throughput, error rate) over the last
-    ``window_minutes`` to MLflow, and return them. It never starts a server: with no ``server.json`` or no
-    answer the task is skipped with the reason.
+    """Record a local endpoint's live metrics over the last ``window_minutes`` to MLflow (one run per window, the
+    window's start as the step, so each metric is a time series), and return them. Per variant: p50/p95
+    latency, requests per minute, error rate, tokens. For the endpoint: requests per minute and energy.
+
+    Energy is an estimate: the server process's CPU seconds in the window times ``watts_per_cpu_core`` gives
+    ``energy_wh``, per 1k requests ``energy_wh_per_1k_requests`` and per 1k tokens (in + out)
+    ``energy_wh_per_1k_tokens``. Set ``watts_per_cpu_core`` to your CPU's TDP divided by its cores (the default
+    5 W is a mid-range server or laptop core under load); a GPU's board power is not included.
+
+    It never starts a server: with no ``server.json`` or no answer the task is skipped with the reason.
 
     :param endpoint_name: the endpoint (templated).
     :param endpoints_root: folder of the local endpoints (templated); default ``[llmops] local_endpoints_root``.
@@ -392,14 +399,18 @@ class EndpointMetricsOperator(LLMOpsBaseOperator):
         endpoint_name: str,
         endpoints_root: str | None = None,
         window_minutes: float = 60,
+        watts_per_cpu_core: float = 5.0,
         mlflow_tracking_uri: str | None = None,
         experiment: str = "llmops-endpoints",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if watts_per_cpu_core <= 0:
+            raise ValueError(f"watts_per_cpu_core must be > 0, got {watts_per_cpu_core}")
         self.endpoint_name = endpoint_name
         self.endpoints_root = endpoints_root
         self.window_minutes = window_minutes
+        self.watts_per_cpu_core = watts_per_cpu_core
         self.mlflow_tracking_uri = mlflow_tracking_uri
         self.experiment = experiment
 
@@ -418,16 +429,10 @@ class EndpointMetricsOperator(LLMOpsBaseOperator):
         since = time.time() - self.window_minutes * 60
         try:
             with ServingClient(url, token, timeout=30) as client:
-                variants = client.metrics(since)
+                snapshot = client.metrics_snapshot(since)
         except ServingClientError as err:
             raise AirflowSkipException(f"endpoint {self.endpoint_name} at {url} did not answer: {err}") from None
-        metrics: dict[str, float] = {}
-        for variant, values in variants.items():
-            requests = float(values.get("requests") or 0)
-            metrics[f"{variant}.requests_per_minute"] = requests / self.window_minutes
-            for key in ("p50_latency_ms", "p95_latency_ms", "error_rate", "requests", "errors"):
-                if values.get(key) is not None:
-                    metrics[f"{variant}.{key}"] = float(values[key])
+        metrics = endpoint_metrics(snapshot, self.window_minutes, self.watts_per_cpu_core)
         self.log.info("Endpoint %s, last %s min: %s", self.endpoint_name, self.window_minutes, metrics)
         tracking = self.mlflow_tracking_uri if self.mlflow_tracking_uri is not None else default_mlflow_tracking_uri()
         run_id = ""
@@ -440,3 +445,32 @@ class EndpointMetricsOperator(LLMOpsBaseOperator):
             tracker.set_terminated(run.info.run_id)
             run_id = run.info.run_id
         return {"endpoint": self.endpoint_name, "since": since, "metrics": metrics, "mlflow_run_id": run_id}
+
+
+def endpoint_metrics(snapshot: Mapping[str, Any], window_minutes: float, watts_per_cpu_core: float) -> dict[str, float]:
+    """Flat metrics of one admin snapshot: ``<variant>.<metric>`` per variant, ``endpoint.<metric>`` in total
+    (shadow copies are work the server did, so they count towards energy but not towards requests served)."""
+    metrics: dict[str, float] = {}
+    served = tokens = 0.0
+    for variant, values in dict(snapshot.get("variants", {})).items():
+        requests = float(values.get("requests") or 0)
+        metrics[f"{variant}.requests_per_minute"] = requests / window_minutes
+        for key in ("p50_latency_ms", "p95_latency_ms", "error_rate", "requests", "errors", "tokens_in", "tokens_out"):
+            if values.get(key) is not None:
+                metrics[f"{variant}.{key}"] = float(values[key])
+        tokens += float(values.get("tokens_in") or 0) + float(values.get("tokens_out") or 0)
+        if not values.get("shadow"):
+            served += requests
+    metrics["endpoint.requests"] = served
+    metrics["endpoint.requests_per_minute"] = served / window_minutes
+    process = snapshot.get("process")
+    if isinstance(process, Mapping) and process.get("cpu_seconds") is not None:
+        cpu_s = float(process["cpu_seconds"])
+        energy_wh = cpu_s * watts_per_cpu_core / 3600.0
+        metrics["endpoint.cpu_seconds"] = cpu_s
+        metrics["endpoint.energy_wh"] = energy_wh
+        if served:
+            metrics["endpoint.energy_wh_per_1k_requests"] = energy_wh / served * 1000.0
+        if tokens:
+            metrics["endpoint.energy_wh_per_1k_tokens"] = energy_wh / tokens * 1000.0
+    return metrics

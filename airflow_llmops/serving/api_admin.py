@@ -84,7 +84,8 @@ async def metrics_snapshot(
     since: Annotated[float | None, Query(description="unix seconds; default: now - window_s", ge=0)] = None,
     window_s: Annotated[float, Query(gt=0, le=86_400 * 7)] = DEFAULT_WINDOW_S,
 ) -> Any:
-    """Per variant: requests, errors, error_rate, p50/p95 latency (ms) and tokens since ``since``.
+    """Per variant: requests, errors, error_rate, p50/p95 latency (ms) and tokens since ``since``; for the
+    whole server process: the CPU seconds it used since then (``process``, for energy estimates).
 
     Numbers cover requests that finished at or after ``since`` (within the server's metrics retention).
     """
@@ -95,4 +96,4 @@ async def metrics_snapshot(
         snap = state.telemetry.snapshot(name, since=start)
         snap.update(shadow=variant.spec.shadow, traffic_percent=round(state.registry.traffic_percent(variant.spec), 6))
         variants[name] = snap
-    return {"now": now, "since": start, "variants": variants}
+    return {"now": now, "since": start, "variants": variants, "process": state.telemetry.cpu_seconds(since=start)}

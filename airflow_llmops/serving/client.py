@@ -123,12 +123,17 @@ class ServingClient:
 
     def metrics(self, since: float | None = None, *, window_s: float | None = None) -> dict[str, dict[str, Any]]:
         """Per variant: requests, errors, error_rate, p50_latency_ms, p95_latency_ms, tokens since ``since``."""
+        return dict(self.metrics_snapshot(since, window_s=window_s)["variants"])
+
+    def metrics_snapshot(self, since: float | None = None, *, window_s: float | None = None) -> dict[str, Any]:
+        """The whole snapshot: ``variants`` (as :meth:`metrics`), ``process`` (the server's CPU seconds since
+        ``since``), ``now`` and ``since``."""
         params: dict[str, float] = {}
         if since is not None:
             params["since"] = since
         if window_s is not None:
             params["window_s"] = window_s
-        return dict(self._admin("GET", "/metrics", params=params)["variants"])
+        return dict(self._admin("GET", "/metrics", params=params))
 
     # ---- health and inference --------------------------------------------------------------------------------
     def ready(self) -> bool:

@@ -1,7 +1,8 @@
 """Per-variant metrics: Prometheus series for scraping, and a recent-events window for JSON snapshots.
 
 The snapshot (``GET /admin/metrics?since=TS``) is what a rollout sensor reads to judge a canary step: requests,
-errors, error rate and p50/p95 latency of each variant since a timestamp.
+errors, error rate and p50/p95 latency of each variant since a timestamp. The server's own CPU time is sampled as
+requests arrive (at most once a second), so a monitor can turn a window's CPU seconds into an energy estimate.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _MAX_EVENTS = 200_000
+_CPU_SAMPLE_EVERY_S = 1.0
+_MAX_CPU_SAMPLES = 20_000
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,10 @@ class Telemetry:
             "llmops_request_log_dropped", "Request-log records dropped (writer queue full)", registry=self.registry
         )
         self._events: dict[str, collections.deque[_Event]] = {}
+        # (unix seconds, process CPU seconds): all threads of this process (routing, batching, model calls).
+        self._cpu: collections.deque[tuple[float, float]] = collections.deque(
+            [(time.time(), time.process_time())], maxlen=_MAX_CPU_SAMPLES
+        )
         self._series: set[tuple[str, str, str]] = set()
         self._lock = threading.Lock()
 
@@ -111,6 +118,23 @@ class Telemetry:
             events.append(_Event(now, latency_s * 1000.0, error, tokens_in, tokens_out))
             while events and events[0].at < now - self.retention_s:
                 events.popleft()
+            if now - self._cpu[-1][0] >= _CPU_SAMPLE_EVERY_S:
+                self._cpu.append((now, time.process_time()))
+
+    def cpu_seconds(self, *, since: float) -> dict[str, float]:
+        """CPU seconds this server process used from ``since`` (or its oldest sample after it) to now."""
+        now, cpu_now = time.time(), time.process_time()
+        with self._lock:
+            start = self._cpu[0]
+            for sample in self._cpu:
+                if sample[0] > since:
+                    break
+                start = sample
+        return {
+            "cpu_seconds": round(max(0.0, cpu_now - start[1]), 4),
+            "cpu_window_seconds": round(max(0.0, now - start[0]), 3),
+            "cpu_seconds_total": round(cpu_now, 4),
+        }
 
     def forget(self, variant: str) -> None:
         """Drop a removed variant's series, so a new variant of the same name starts from zero."""

@@ -54,7 +54,22 @@ def _check_report_is_served_behind_auth(root: Path, port: int, stdout: str) -> N
     assert bad.value.code in (400, 404)
 
 
-def test_demo_runs_the_pipeline_and_reuses_airflow_on_rerun(tmp_path: Path):
+def _retrain_runs(root: Path, port: int) -> tuple[list[dict], list[dict]]:
+    """Through Airflow's REST API: the runs of llmops_retrain and of llmops_local."""
+    from airflow_llmops.devstack.airflow_api import AirflowClient
+    from airflow_llmops.devstack.env import generated_admin_password
+
+    client = AirflowClient(f"http://127.0.0.1:{port}", "admin", generated_admin_password(root / ".airflow") or "")
+    return client.runs("llmops_retrain"), client.runs("llmops_local")
+
+
+def test_demo_runs_the_pipeline_then_drift_starts_a_retrain(tmp_path: Path):
+    """The main job end to end: pipeline → endpoint → shifted traffic → drift monitor → asset event → retrain run
+    (created by the scheduler from the event, read back through the REST API); a rerun reuses Airflow and the
+    cooldown holds back a second retrain."""
+    from airflow_llmops.devstack.airflow_api import AirflowClient
+    from airflow_llmops.devstack.env import generated_admin_password
+
     (tmp_path / "dags").symlink_to(ROOT / "dags")
     port = free_port()
     while port_open(port + 1):
@@ -69,19 +84,34 @@ def test_demo_runs_the_pipeline_and_reuses_airflow_on_rerun(tmp_path: Path):
         assert f"http://127.0.0.1:{port}" in first.stdout and "login admin /" in first.stdout
         assert "validation report (GX)" in first.stdout and "quarantined" in first.stdout
         _check_report_is_served_behind_auth(tmp_path, port, first.stdout)
-        plans = list((tmp_path / ".llmops" / "artifacts" / "llmops_local").glob("manual__*/plan.json"))
-        # Unpausing also lets the daily schedule create its latest run; the demo's own runs are manual.
-        assert len(plans) == 1 and json.loads(plans[0].read_text())["platform"] == "local"
-
         assert "endpoint" in first.stdout and "curl -s -X POST http://127.0.0.1:" in first.stdout
-        # Ten training steps each: the second model need not beat the first to be shadowed.
-        conf = {**quick, "rollout_strategy": "shadow", "min_improvement": -1.0}
-        second = _demo(tmp_path, port, "--conf", json.dumps(conf))
-        assert second.returncode == 0, second.stdout + second.stderr
-        assert "reusing the Airflow already running" in second.stdout
-        plans = sorted((tmp_path / ".llmops" / "artifacts" / "llmops_local").glob("manual__*/plan.json"))
-        assert len(plans) == 2
-        assert {json.loads(p.read_text())["specs"]["rollout"]["strategy"] for p in plans} == {"canary", "shadow"}
+
+        # The closing act: 150 requests, a third of them Spanish, answered; the monitor sees it and signals.
+        assert '{"200": 150}' in first.stdout, first.stdout
+        assert "verdict                   drift" in first.stdout, first.stdout
+        assert "energy_wh_per_1k_requests" in first.stdout, first.stdout
+        report = next(line.split()[-1] for line in first.stdout.splitlines() if "drift report (Evidently)" in line)
+        assert Path(report.removeprefix("file://")).is_file()
+        retrains, pipelines = _retrain_runs(tmp_path, port)
+        assert len(retrains) == 1 and retrains[0]["run_type"] == "asset_triggered", retrains
+        client = AirflowClient(
+            f"http://127.0.0.1:{port}", "admin", generated_admin_password(tmp_path / ".airflow") or ""
+        )
+        events = client.upstream_asset_events("llmops_retrain", retrains[0]["dag_run_id"])
+        assert [e["uri"] for e in events] == ["x-llmops://chatterbot-topics-classifier/drift"], events
+        assert events[0]["extra"]["drifted_checks"] and events[0]["extra"]["rows"] == 150
+        retraining = [r for r in pipelines if (r.get("conf") or {}).get("drift")]
+        assert len(retraining) == 1 and retraining[0]["conf"]["drift"]["window"] == events[0]["extra"]["window"]
+        assert retraining[0]["dag_run_id"] in first.stdout
+        # Only the demo's own pipeline run and the retrain: no scheduled run was queued by unpausing.
+        assert len(pipelines) == 2, pipelines
+        client.set_run_state("llmops_local", retraining[0]["dag_run_id"], "failed")  # not needed further here
+
+        again = _demo(tmp_path, port, "drift")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "reusing the Airflow already running" in again.stdout
+        assert "within the cooldown" in again.stdout, again.stdout
+        assert len(_retrain_runs(tmp_path, port)[0]) == 1
     finally:
         stopped = _demo(tmp_path, port, "stop")
     assert "stopped airflow standalone" in stopped.stdout and "stopped mlflow server" in stopped.stdout

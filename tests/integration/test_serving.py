@@ -108,6 +108,26 @@ def test_classify_one_text_or_many(models_server: Server) -> None:
     assert many["usage"]["prompt_tokens"] > body["usage"]["prompt_tokens"]
 
 
+def test_admin_snapshot_counts_the_servers_cpu_time_for_energy_per_request(models_server: Server) -> None:
+    from airflow_llmops.operators.drift import endpoint_metrics
+
+    client = ServingClient(models_server.url, ADMIN)
+    since = time.time()
+    texts = [f"do you like {food} and a long sentence to make the model work a little" for food in range(40)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(r.status_code == 200 for r in pool.map(lambda t: classify(models_server.url, t), texts))
+    snapshot = client.metrics_snapshot(since)
+    process = snapshot["process"]
+    # Forty forward passes of MiniLM are real work; the window starts no earlier than the sample before `since`.
+    assert process["cpu_seconds"] > 0.05, process
+    assert process["cpu_seconds_total"] >= process["cpu_seconds"]
+    metrics = endpoint_metrics(snapshot, window_minutes=1.0, watts_per_cpu_core=5.0)
+    assert metrics["clf.requests"] == 40 and metrics["endpoint.requests"] == 40
+    assert metrics["endpoint.energy_wh"] == pytest.approx(process["cpu_seconds"] * 5.0 / 3600)
+    assert metrics["endpoint.energy_wh_per_1k_requests"] == pytest.approx(metrics["endpoint.energy_wh"] * 1000 / 40)
+    assert metrics["endpoint.energy_wh_per_1k_tokens"] > 0  # classify counts prompt tokens
+
+
 def test_concurrent_classify_requests_share_forward_passes(models_server: Server) -> None:
     def batches() -> tuple[float, float]:
         text = httpx.get(f"{models_server.url}/metrics", timeout=TIMEOUT).text
