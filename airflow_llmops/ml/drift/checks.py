@@ -1,261 +1,30 @@
-"""Drift of live traffic against the training data (Evidently 0.7): text descriptors, sentence embeddings,
-predicted labels and latency, over one time window of the model server's request log.
-
-No Airflow here: :class:`~airflow_llmops.operators.drift.DriftCheckOperator` wraps it, ``bench/drift.py`` calls it
-directly. A window *drifts* when at least ``policy.min_drifted_checks`` of the enabled checks flag it.
-"""
+"""The drift check of one window with Evidently 0.7, and its result."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import hashlib
-import json
-import math
-import re
-import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airflow_llmops.ml.drift.features import (
+    TEXT_DESCRIPTORS,
+    embed_texts,
+    reference_embeddings,
+    text_descriptors,
+    vocabulary,
+)
+from airflow_llmops.ml.drift.inputs import Reference, Window
 from airflow_llmops.specs.drift import DriftPolicy
 
 if TYPE_CHECKING:
-    import numpy as np
     import pandas as pd
 
-TEXT_DESCRIPTORS = ("length", "oov_rate", "non_ascii_share", "non_latin_share")
 EMBEDDINGS_NAME = "minilm"
-_WORD = re.compile(r"\w+", re.UNICODE)
 # Generated texts and labels are told apart by how many outputs are known labels: below this share the
 # prediction check is skipped (a causal LM's outputs are not classes).
 _MIN_KNOWN_LABEL_SHARE = 0.5
-
-
-class DriftError(ValueError):
-    """The inputs of a drift check are unusable; the message says which file or value and what to do."""
-
-
-# ---- inputs ----------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    """The training split of a prepared dataset: texts, labels and the manifest's content hash."""
-
-    data: pd.DataFrame
-    content_hash: str
-    uri: str
-
-
-def load_reference(folder: str | Path, *, split: str = "train") -> Reference:
-    """Read ``<folder>/manifest.json`` and the split it lists (``text``, ``label`` columns)."""
-    import pandas as pd
-
-    folder = Path(str(folder).removeprefix("file://"))
-    manifest_path = folder / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise DriftError(
-            f"reference dataset {folder} has no manifest.json; give the folder PrepareDatasetOperator wrote"
-        ) from None
-    except ValueError as err:
-        raise DriftError(f"reference manifest {manifest_path} is not valid JSON: {err}") from None
-    name = f"{split}.parquet"
-    files = manifest.get("files") or {}
-    if name not in files:
-        raise DriftError(f"reference manifest {manifest_path} lists no {name} (it lists {sorted(files)})")
-    path = folder / name
-    if not path.is_file():
-        raise DriftError(
-            f"reference manifest {manifest_path} points to {name}, but {path} is missing; "
-            "re-run the dataset preparation or point the drift check at a complete dataset folder"
-        )
-    data = pd.read_parquet(path)
-    if "text" not in data.columns:
-        raise DriftError(f"reference {path} has no 'text' column (columns: {list(data.columns)})")
-    keep = [c for c in ("text", "label") if c in data.columns]
-    data = data[keep].dropna(subset=["text"]).reset_index(drop=True)
-    if data.empty:
-        raise DriftError(f"reference {path} has no rows")
-    return Reference(data=data, content_hash=str(manifest.get("content_hash", "")), uri=str(folder))
-
-
-@dataclasses.dataclass
-class Window:
-    """Records of the request log with ``start <= ts < end`` (mirrored shadow copies left out)."""
-
-    data: pd.DataFrame
-    start: float
-    end: float
-    corrupt_lines: int = 0
-
-
-def read_window(folder: str | Path, start: float, end: float, *, include_shadow: bool = False) -> Window:
-    """One time window of the request log; unreadable lines are skipped and counted."""
-    import pandas as pd
-
-    from airflow_llmops.serving.request_log import read_request_log
-
-    corrupt = 0
-
-    def count(_path: Path, _line: int) -> None:
-        nonlocal corrupt
-        corrupt += 1
-
-    rows: list[dict[str, Any]] = []
-    folder = Path(str(folder).removeprefix("file://"))
-    if folder.is_dir():
-        for record in read_request_log(folder, since=start, on_corrupt=count):
-            if float(record.get("ts", 0)) >= end or (record.get("shadow") and not include_shadow):
-                continue
-            rows.append(
-                {
-                    "ts": float(record.get("ts", 0)),
-                    "variant": str(record.get("variant", "")),
-                    "status": int(record.get("status") or 0),
-                    "latency_ms": _float_or_nan(record.get("latency_ms")),
-                    "input": _text(record.get("input")),
-                    "output": record.get("output"),
-                }
-            )
-    columns = ["ts", "variant", "status", "latency_ms", "input", "output"]
-    return Window(data=pd.DataFrame(rows, columns=columns), start=start, end=end, corrupt_lines=corrupt)
-
-
-def earliest_latencies(folder: str | Path, *, span_s: float, before: float, limit: int) -> list[float]:
-    """Latencies of the first ``span_s`` seconds of the request log (a baseline), ending before ``before``."""
-    from airflow_llmops.serving.request_log import read_request_log
-
-    folder = Path(str(folder).removeprefix("file://"))
-    if not folder.is_dir():
-        return []
-    out: list[float] = []
-    first: float | None = None
-    for record in read_request_log(folder):
-        ts = float(record.get("ts", 0))
-        first = ts if first is None else first
-        if ts >= first + span_s or ts >= before or len(out) >= limit:
-            break
-        latency = _float_or_nan(record.get("latency_ms"))
-        if not record.get("shadow") and int(record.get("status") or 0) < 400 and not math.isnan(latency):
-            out.append(latency)
-    return out
-
-
-def _float_or_nan(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if value is None:
-        return ""
-    return json.dumps(value, ensure_ascii=False, default=str)
-
-
-# ---- features --------------------------------------------------------------------------------------------------
-def vocabulary(texts: Iterable[str]) -> frozenset[str]:
-    return frozenset(word for text in texts for word in _WORD.findall(text.lower()))
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_latin(char: str) -> bool:
-    return unicodedata.name(char, "").startswith("LATIN")
-
-
-def text_descriptors(texts: Sequence[str], vocab: frozenset[str]) -> pd.DataFrame:
-    """Per text: length in characters, share of words outside the reference vocabulary, share of letters that
-    are not ASCII, share of letters that are not Latin script (the language/script mix)."""
-    import pandas as pd
-
-    rows = []
-    for text in texts:
-        words = _WORD.findall(text.lower())
-        letters = [c for c in text if c.isalpha()]
-        rows.append(
-            (
-                float(len(text)),
-                sum(w not in vocab for w in words) / len(words) if words else 0.0,
-                sum(not c.isascii() for c in letters) / len(letters) if letters else 0.0,
-                sum(not _is_latin(c) for c in letters) / len(letters) if letters else 0.0,
-            )
-        )
-    return pd.DataFrame(rows, columns=list(TEXT_DESCRIPTORS), dtype="float64")
-
-
-@functools.lru_cache(maxsize=2)
-def _encoder(model_name: str) -> tuple[Any, Any]:
-    import os
-
-    from transformers import AutoModel, AutoTokenizer
-
-    from airflow_llmops.ml.models import resolve_model_path
-
-    path = resolve_model_path(model_name)
-    local = os.path.isdir(path)
-    model = AutoModel.from_pretrained(path, local_files_only=local)
-    model.eval()
-    return AutoTokenizer.from_pretrained(path, local_files_only=local), model
-
-
-def embed_texts(
-    texts: Sequence[str], model_name: str = "all-MiniLM-L6-v2", *, batch_size: int = 64, max_length: int = 128
-) -> np.ndarray:
-    """L2-normalised sentence embeddings (mean pooling over the attention mask, as sentence-transformers does)."""
-    import numpy as np
-    import torch
-
-    tokenizer, model = _encoder(model_name)
-    # Batches of similar lengths: one long text no longer pads its whole batch (3-5x faster on chat traffic).
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    dim = int(model.config.hidden_size)
-    out = np.zeros((len(texts), dim), dtype="float32")
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            batch = tokenizer(
-                [texts[i] for i in index],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out[index] = torch.nn.functional.normalize(pooled, dim=1).numpy()
-    return out
-
-
-def reference_embeddings(
-    texts: Sequence[str], *, content_hash: str, model_name: str, cache_dir: str | Path | None
-) -> tuple[np.ndarray, bool]:
-    """Embeddings of the reference sample, cached as ``<cache_dir>/<content hash>-<model>-<sample>.npy``.
-
-    Returns (embeddings, whether they came from the cache).
-    """
-    import numpy as np
-
-    if cache_dir is None or not content_hash:
-        return embed_texts(texts, model_name), False
-    sample_key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
-    model_key = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name)
-    path = Path(cache_dir) / f"{content_hash[:24]}-{model_key}-{sample_key}.npy"
-    if path.is_file():
-        cached = np.load(path)
-        if cached.shape[0] == len(texts):
-            return cached, True
-    embeddings = embed_texts(texts, model_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, embeddings)
-    tmp.replace(path)  # atomic: two checks at once never read half a file
-    return embeddings, False
 
 
 # ---- results ---------------------------------------------------------------------------------------------------
@@ -621,52 +390,3 @@ def _latency_check(
         threshold=verdict["threshold"],
         note=f"window p50 {latencies.median():.1f} ms vs baseline p50 {pd.Series(baseline).median():.1f} ms",
     )
-
-
-# ---- simulated traffic (tests, bench) --------------------------------------------------------------------------
-def simulated_records(
-    texts: Sequence[str],
-    outputs: Sequence[str],
-    *,
-    start: float,
-    end: float,
-    seed: int = 0,
-    latency_ms: tuple[float, float] = (40.0, 8.0),
-    variant: str = "v1",
-    endpoint: str = "sim",
-) -> list[dict[str, Any]]:
-    """Request-log records for ``texts`` spread evenly over ``[start, end)`` with normal latencies."""
-    import random
-
-    rng = random.Random(seed)
-    step = (end - start) / max(len(texts), 1)
-    return [
-        {
-            "ts": start + i * step,
-            "request_id": f"sim-{seed}-{i}",
-            "index": 0,
-            "variant": variant,
-            "shadow": False,
-            "endpoint": endpoint,
-            "status": 200,
-            "latency_ms": max(1.0, rng.gauss(*latency_ms)),
-            "input": text,
-            "output": output,
-            "score": 0.9,
-            "tokens_in": len(text.split()),
-            "tokens_out": 1,
-        }
-        for i, (text, output) in enumerate(zip(texts, outputs, strict=True))
-    ]
-
-
-def write_request_log(folder: str | Path, records: Iterable[dict[str, Any]], *, name: str = "sim") -> Path:
-    """Append ``records`` to ``<folder>/requests-<name>.jsonl`` (the server's file format)."""
-    from airflow_llmops.serving.request_log import PREFIX, SUFFIX
-
-    path = Path(folder) / f"{PREFIX}{name}{SUFFIX}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as out:
-        for record in records:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return path
