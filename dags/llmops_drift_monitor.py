@@ -79,8 +79,9 @@ with DAG(
             "window_minutes": "{{ params.window_minutes }}",
             "sample_size": "{{ params.sample_size }}",
             "min_rows": 30,
-            # One text descriptor is enough (a new language moves the out-of-vocabulary rate, not the length), but
-            # two checks must agree: a single test at p < 0.05 alone alarms in ~1 window of 10 (bench/drift.py).
+            # The measured defaults (bench/drift.py): one text descriptor moving by >= 0.3 standard deviations is
+            # enough (a new language moves the out-of-vocabulary rate, not the length), embeddings by MMD², and two
+            # checks must agree: a single test at p < 0.05 (latency, predictions) alarms in 1 window of 20 by itself.
             "drift_share": 0.25,
             "min_drifted_checks": 2,
             "cooldown_hours": "{{ params.cooldown_hours }}",

@@ -72,7 +72,9 @@ def test_unshifted_traffic_does_not_drift(dataset, traffic, tmp_path):
     assert result.verdict == "no_drift", result.to_dict()
     assert set(result.checks) == {"text_descriptors", "embeddings", "prediction", "latency"}
     assert result.checks["latency"].drift is None and "no latency baseline" in result.checks["latency"].note
-    assert result.checks["embeddings"].score is not None and result.checks["embeddings"].score < 0.55
+    embeddings = result.checks["embeddings"]
+    assert embeddings.method == "mmd" and embeddings.drift is False
+    assert embeddings.score is not None and embeddings.threshold is not None and embeddings.score < embeddings.threshold
     assert (tmp_path / "report" / "drift-report.html").is_file()
     assert (tmp_path / "report" / "embeddings-report.html").is_file()
 
@@ -87,6 +89,18 @@ def test_thirty_percent_spanish_traffic_drifts(dataset, traffic, tmp_path):
     again = _check(dataset, tmp_path / "log", end, tmp_path)
     assert "from cache" in again.checks["embeddings"].note
     assert again.checks["embeddings"].score == result.checks["embeddings"].score
+
+
+@pytest.mark.parametrize("method", ["model", "distance", "ratio"])
+def test_every_embedding_method_runs_with_its_own_default_threshold(dataset, traffic, tmp_path, method):
+    from airflow_llmops.specs import DriftPolicy
+
+    end = time.time()
+    log = _log(tmp_path / "log", traffic, n=150, foreign=0.5, seed=3, end=end)
+    result = _check(dataset, log, end, tmp_path, embedding_method=method, checks=["embeddings"], min_drifted_checks=1)
+    check = result.checks["embeddings"]
+    assert check.method == method and check.threshold == DriftPolicy(embedding_method=method).embedding_cutoff
+    assert check.drift is True and result.verdict == "drift", result.to_dict()  # half the traffic in Spanish
 
 
 def test_latency_drift_against_a_baseline(dataset, traffic, tmp_path):
@@ -181,7 +195,7 @@ def test_operator_emits_the_drift_event_once_per_cooldown(airflow_db, dataset, t
     assert first.xcom_pull(task_ids="drift", key="_link_DriftReportLink")
     events = _events(uri)[before:]
     assert len(events) == 1 and events[0]["window"]["end"] == pytest.approx(end)
-    assert events[0]["scores"]["embeddings"] > 0.55 and "embeddings" in events[0]["drifted_checks"]
+    assert events[0]["scores"]["embeddings"] > 0.0015 and "embeddings" in events[0]["drifted_checks"]  # MMD²
     state = json.loads((tmp_path / "endpoint" / "drift-state.json").read_text())
     assert state["drift-test-model"]["window_end"] == pytest.approx(end)
 

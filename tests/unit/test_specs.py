@@ -172,3 +172,14 @@ def test_tuning_spec_checks_its_search_space_and_builds_trial_specs():
         )
     with pytest.raises(SpecValidationError, match="learning_rate"):  # a sampled value the training spec refuses
         spec.trial_training({"learning_rate": 5.0})
+
+
+def test_drift_policy_defaults_are_the_measured_policy():
+    policy = DriftPolicy()
+    assert policy.embedding_method == "mmd" and policy.embedding_cutoff == 0.0015
+    assert policy.descriptor_method == "wasserstein" and policy.descriptor_threshold == 0.3
+    assert policy.checks_to_agree == 2 and policy.min_drifted_checks is None
+    assert DriftPolicy(checks=["latency"]).checks_to_agree == 1  # a single check decides alone
+    assert DriftPolicy(embedding_method="model").embedding_cutoff == 0.55  # each method its own scale
+    assert DriftPolicy(embedding_method="model", embedding_threshold=0.6).embedding_cutoff == 0.6
+    assert DriftPolicy.parse(policy.to_json()) == policy

@@ -2,7 +2,7 @@
 predicted labels and latency, over one time window of the model server's request log.
 
 No Airflow here: :class:`~airflow_llmops.operators.drift.DriftCheckOperator` wraps it, ``bench/drift.py`` calls it
-directly. A window *drifts* when at least ``policy.min_drifted_checks`` of the enabled checks flag it.
+directly. A window *drifts* when at least ``policy.checks_to_agree`` of the enabled checks flag it.
 
 * :mod:`.inputs`: the reference dataset, request-log windows, the latency baseline, simulated traffic;
 * :mod:`.features`: text descriptors and sentence embeddings;

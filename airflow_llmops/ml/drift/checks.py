@@ -90,10 +90,15 @@ class DriftResult:
 
 # ---- the check -------------------------------------------------------------------------------------------------
 def _column_metric(column: str, policy: DriftPolicy) -> Any:
+    """Evidently's per-column drift test: the descriptor test for text descriptors, else the column test."""
     from evidently.metrics import ValueDrift
 
-    method = None if policy.column_method == "auto" else policy.column_method
-    return ValueDrift(column=column, method=method, threshold=policy.column_threshold)
+    method: str
+    if column in TEXT_DESCRIPTORS:
+        method, threshold = policy.descriptor_method, policy.descriptor_threshold
+    else:
+        method, threshold = policy.column_method, policy.column_threshold
+    return ValueDrift(column=column, method=None if method == "auto" else method, threshold=threshold)
 
 
 def _value_drift(metric: dict[str, Any]) -> dict[str, Any]:
@@ -109,9 +114,11 @@ def _value_drift(metric: dict[str, Any]) -> dict[str, Any]:
 def _embedding_method(policy: DriftPolicy) -> Any:
     from evidently.legacy.metrics.data_drift import embedding_drift_methods as methods
 
-    # bootstrap=False: the verdict is score > threshold for every method, so it can be read back from the score.
     factory = getattr(methods, policy.embedding_method)
-    return factory(threshold=policy.embedding_threshold, bootstrap=False)
+    if policy.embedding_method == "ratio":  # no bootstrap option
+        return factory(threshold=policy.embedding_cutoff)
+    # bootstrap=False: the verdict is score > threshold for every method, so it can be read back from the score.
+    return factory(threshold=policy.embedding_cutoff, bootstrap=False)
 
 
 def compute_drift(
@@ -157,7 +164,7 @@ def compute_drift(
     if "latency" in policy.checks:
         result.checks["latency"] = _latency_check(current, reference_latency, policy, report_path, result)
     drifted = len(result.drifted_checks)
-    result.drift = drifted >= policy.min_drifted_checks
+    result.drift = drifted >= policy.checks_to_agree
     result.verdict = "drift" if result.drift else "no_drift"
     result.note = f"{drifted} of {sum(c.drift is not None for c in result.checks.values())} checks drifted"
     result.seconds = time.perf_counter() - started
@@ -336,10 +343,10 @@ def _embeddings_check(
     )
     score = float(out[0]["value"])
     return CheckResult(
-        drift=score > policy.embedding_threshold,
+        drift=score > policy.embedding_cutoff,
         score=score,
         method=policy.embedding_method,
-        threshold=policy.embedding_threshold,
+        threshold=policy.embedding_cutoff,
         note=f"{policy.embedding_model}, {len(ref_unique)} vs {len(cur_unique)} distinct texts; reference "
         f"embeddings {'from cache' if cached else 'computed'}",
     )
