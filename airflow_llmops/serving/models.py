@@ -213,7 +213,8 @@ class HFCausalLM(_NoClassify):
         probs = torch.softmax(logits.float() / params.temperature, dim=-1)
         if params.top_p < 1.0:
             sorted_p, index = torch.sort(probs, descending=True)
-            keep = (torch.cumsum(sorted_p, dim=0) - sorted_p) < params.top_p  # always keeps the top token
+            keep = (torch.cumsum(sorted_p, dim=0) - sorted_p) < params.top_p
+            keep[0] = True  # the top token always stays (a top_p below float32's range would otherwise keep none)
             sorted_p = sorted_p * keep
             choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
             return int(index[choice])

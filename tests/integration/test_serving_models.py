@@ -142,6 +142,13 @@ def test_generation_streams_the_same_text_it_returns_and_honours_limits(lm_dir: 
     a = model.generate("hi", sampled, on_text=None, cancelled=threading.Event())
     b = model.generate("hi", sampled, on_text=None, cancelled=threading.Event())
     assert a.text == b.text  # same seed, same sample
+    # A top_p too small for float32 (found by the fuzzer: 5e-324 became 0 and kept no token) keeps the top token.
+    nucleus_of_one = GenerationParams(max_tokens=8, temperature=1.0, top_p=5e-324, seed=3)
+    tiny = model.generate("hello there", nucleus_of_one, on_text=None, cancelled=threading.Event())
+    greedy = model.generate(
+        "hello there", GenerationParams(max_tokens=8, temperature=0.0), on_text=None, cancelled=threading.Event()
+    )
+    assert tiny.text == greedy.text
     if streamed.text.strip():
         stop = streamed.text.strip()[:2]
         cut = model.generate(

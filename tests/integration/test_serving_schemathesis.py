@@ -6,6 +6,7 @@ variants (a fuzzed ``fault`` would make 500s on purpose, a fuzzed ``source`` wou
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from test_serving_models import Server, build_classifier, build_tiny_lm, start_s
 pytestmark = pytest.mark.integration
 schemathesis = pytest.importorskip("schemathesis")
 ADMIN = "fuzz-admin"
-MAX_EXAMPLES = 12
+MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))  # FUZZ_EXAMPLES=200 for a longer hunt
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_no_input_makes_the_server_fail(server: Server, mode: str, tmp_path: Pat
         def run(case: object) -> None:
             response = case.call(base_url=server.url, headers=headers, timeout=60)  # type: ignore[attr-defined]
             if response.status_code >= 500:
-                failures.append(f"{case.operation.label} {response.status_code}: {response.text[:300]}")  # type: ignore[attr-defined]
+                failures.append(f"{case.operation.label} {response.status_code}: {case.body!r} {response.text[:300]}")  # type: ignore[attr-defined]
 
         try:
             run()
