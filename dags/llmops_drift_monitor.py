@@ -28,8 +28,9 @@ the Asset `x-llmops://chatterbot-topics-classifier/drift`, which schedules `llmo
 * **Reference**: the Param `reference_uri`, else the dataset of the latest event on the Asset
   `x-llmops://datasets/chatterbot-topics` (each `prepare` of `llmops_local` records one): the monitor follows
   the newest prepared data without configuration, and fails with a clear message until a dataset exists.
-* **Endpoint metrics**: `endpoint_metrics` records p50/p95 latency, throughput and error rate per variant to
-  MLflow; skipped when no endpoint server runs (it never starts one).
+* **Endpoint metrics**: `endpoint_metrics` records p50/p95 latency, throughput and error rate per variant, and
+  the server's energy per 1k requests and per 1k tokens (its CPU time x `watts_per_cpu_core`, an estimate), to
+  MLflow as a time series; skipped when no endpoint server runs (it never starts one).
 * **Report**: the Evidently HTML reports and `drift.json` are in the run folder, linked from the task.
 """
 
