@@ -89,6 +89,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_HOME, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``-n 2 --dist loadgroup`` the end-to-end tests (each a whole Airflow stack) share one worker, so two
+    stacks never compete for the two cores while the other worker runs the rest."""
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.xdist_group("airflow-stack"))
+
+
 def train_classifier(job_dir: Path, dataset: Path, *, steps: int = 40, learning_rate: float = 3e-4) -> Path:
     """A small fine-tuned MiniLM classifier (the training entry point, one process); returns its model folder."""
     import json
