@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -15,6 +15,7 @@ from airflow_llmops.jsonfiles import read_json_object
 from airflow_llmops.links.mlflow import MLflowRunLink, mlflow_run_url
 from airflow_llmops.operators.base import LLMOpsBaseOperator
 from airflow_llmops.operators.training import default_local_jobs_root, default_mlflow_tracking_uri
+from airflow_llmops.processes import ProcessRecord, child_env
 from airflow_llmops.specs import SpecValidationError
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
         self.mlflow_tracking_uri = mlflow_tracking_uri
         self.jobs_root = jobs_root
         self._proc: subprocess.Popen[str] | None = None
+        self._record: ProcessRecord | None = None
 
     def tuning_spec(self) -> TuningSpec:
         from airflow_llmops.specs.tuning import TuningSpec
@@ -90,8 +92,9 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "tuning.json").write_text(spec.to_json(indent=2))
         tracking = self.mlflow_tracking_uri if self.mlflow_tracking_uri is not None else default_mlflow_tracking_uri()
-        env = {**os.environ, "LLMOPS_RUN_KEY": job_name, "PYTHONUNBUFFERED": "1"}
-        env.pop("MLFLOW_TRACKING_URI", None)
+        # Not the worker's whole environment: it holds Airflow's secrets (see child_env).
+        env = child_env({"LLMOPS_RUN_KEY": job_name, "PYTHONUNBUFFERED": "1"})
+        env.pop("MLFLOW_TRACKING_URI", None)  # the operator's setting decides, not the worker's environment
         if tracking:
             env["MLFLOW_TRACKING_URI"] = tracking
         argv = [sys.executable, "-m", "airflow_llmops.ml.tune", "--spec", str(job_dir / "tuning.json")]
@@ -127,6 +130,7 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
             errors="replace",
             start_new_session=True,
         )
+        self._record = ProcessRecord.of(self._proc, argv=argv)
         assert self._proc.stdout is not None
         for raw in self._proc.stdout:
             line = raw.rstrip()
@@ -135,12 +139,10 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
         return self._proc.wait()
 
     def on_kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            import signal
-
-            self.log.info("Stopping the tuning study (process group %d)", self._proc.pid)
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
+        # poll(), not the record, says whether it runs: it reaps the study for execute()'s wait() to see its code.
+        if self._proc is None or self._record is None or self._proc.poll() is not None:
+            return
+        self.log.info("Stopping the tuning study (process group %d)", self._record.pid)
+        self._record.stop(grace=15)  # SIGTERM to its process group, SIGKILL after 15 s
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=5)

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from airflow_llmops.jsonfiles import read_json_object
+from airflow_llmops.jsonfiles import read_json_object, write_json_atomic
 from airflow_llmops.platforms.base import JobHandle, JobState, JobStatus
+from airflow_llmops.processes import ProcessRecord, child_env, free_port
 from airflow_llmops.specs import TrainingSpec
 
 PID_FILE = "launcher.json"
@@ -58,19 +59,17 @@ def terminate_job(job_dir: Path, *, grace: float = 15.0, sig: int = signal.SIGTE
     return len(procs)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def launcher_alive(launcher: dict[str, Any] | None) -> bool:
+    """Whether the launcher a ``launcher.json`` names still runs (not merely its pid: pids are reused).
+
+    Records written before the create time was kept are judged by their ``started_at``
+    (see :class:`~airflow_llmops.processes.ProcessRecord`)."""
+    if not launcher:
         return False
-    except PermissionError:
-        return True
-    # A zombie child of this process still answers kill(0): reap it if it is ours.
-    with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    return True
+    try:
+        return ProcessRecord.from_dict(launcher).alive()
+    except ValueError:
+        return False
 
 
 def last_progress(job_dir: Path) -> dict[str, Any] | None:
@@ -160,7 +159,7 @@ class LocalPlatform:
         job_dir = self.job_dir(job_name)
         launcher = self._launcher(job_dir)
         status = read_json_object(job_dir / "status.json")
-        if launcher and (_alive(int(launcher["pid"])) or (status and status.get("state") == "succeeded")):
+        if launcher and (launcher_alive(launcher) or (status and status.get("state") == "succeeded")):
             return self._handle(job_name, launcher)
         # Workers of a crashed attempt may outlive their launcher and would race the new attempt for the
         # checkpoint folder: they go first.
@@ -168,16 +167,9 @@ class LocalPlatform:
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "status.json").unlink(missing_ok=True)
         (job_dir / "spec.json").write_text(spec.to_json(indent=2))
-        from airflow_llmops.processes import free_port
-
         argv = self.command(spec, job_dir, master_port=free_port())
-        env = {
-            **os.environ,
-            **self.env,
-            "LLMOPS_RUN_KEY": job_name,
-            "PYTHONUNBUFFERED": "1",
-            JOB_MARKER: str(job_dir),
-        }
+        # Not the worker's whole environment: it holds Airflow's secrets (see child_env).
+        env = child_env({**self.env, "LLMOPS_RUN_KEY": job_name, "PYTHONUNBUFFERED": "1", JOB_MARKER: str(job_dir)})
         attempt = int(launcher.get("attempt", 0)) + 1 if launcher else 1
         with (job_dir / "launcher.log").open("ab") as log:
             log.write(f"\n=== attempt {attempt}: {' '.join(argv)}\n".encode())
@@ -185,9 +177,10 @@ class LocalPlatform:
             proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
             )
-        record = {"pid": proc.pid, "argv": argv, "attempt": attempt, "started_at": time.time()}
-        (job_dir / PID_FILE).write_text(json.dumps(record))
-        return self._handle(job_name, record)
+        # The pid with its create time: a later reader must not take whatever process got the pid for the job.
+        record = ProcessRecord.of(proc, argv=argv)
+        record.write(job_dir / PID_FILE, attempt=attempt)
+        return self._handle(job_name, {**record.to_dict(), "attempt": attempt})
 
     def _handle(self, job_name: str, launcher: dict[str, Any]) -> JobHandle:
         job_dir = self.job_dir(job_name)
@@ -216,8 +209,10 @@ class LocalPlatform:
             )
         if status and status.get("state") == "failed":
             return JobStatus(state=JobState.FAILED, message=str(status.get("message", "training failed")))
+        if status and status.get("state") == "cancelled":
+            return JobStatus(state=JobState.CANCELLED, message=str(status.get("message", "cancelled")))
         launcher = self._launcher(job_dir)
-        if launcher and _alive(int(launcher["pid"])):
+        if launcher_alive(launcher):
             metrics = {k: float(progress[k]) for k in ("loss", "tokens_per_s", "eta_s") if progress and progress.get(k)}
             return JobStatus(state=JobState.RUNNING, progress=fraction, metrics=metrics)
         if launcher is None:
@@ -234,8 +229,14 @@ class LocalPlatform:
             return "(no log)"
 
     def cancel_training(self, handle: JobHandle) -> None:
-        """Stop the launcher and every worker (SIGTERM, then SIGKILL after a grace period)."""
-        terminate_job(self.job_dir(handle.job_name), grace=15)
+        """Stop the launcher and every worker (SIGTERM, then SIGKILL after a grace period); a job that had not
+        ended is recorded as cancelled (one terminal state: a later poll never turns it into a failure)."""
+        job_dir = self.job_dir(handle.job_name)
+        terminate_job(job_dir, grace=15)
+        status = read_json_object(job_dir / "status.json")
+        if not status or status.get("state") not in ("succeeded", "failed"):
+            cancelled = {"state": "cancelled", "message": "cancelled", "at": time.time()}
+            write_json_atomic(job_dir / "status.json", cancelled)
 
     def describe_training(self, handle: JobHandle) -> dict[str, Any]:
         job_dir = self.job_dir(handle.job_name)
