@@ -2,6 +2,10 @@
 
 Artifacts live under ``<artifact_root>/<dag_id>/...``; reading one requires read access to that DAG, so a user
 sees the reports of exactly the DAGs the auth manager lets them see. Remote stores link to their cloud console.
+
+Reports are HTML written from data a pipeline saw (dataset texts, model outputs): every answer carries
+``Content-Security-Policy: sandbox``, so a script in a report runs, if at all, in an opaque origin without the
+Airflow UI's cookies or API, and ``X-Content-Type-Options: nosniff``, so no file is taken for HTML by sniffing.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
+
+SECURITY_HEADERS = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
 
 
 def _local_root() -> Path | None:
@@ -44,7 +50,15 @@ def create_app() -> Any:
         if not target.is_file():
             raise HTTPException(404, f"no artifact {dag_id}/{path}")
         media_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
-        return FileResponse(target, media_type=media_type)
+        return FileResponse(target, media_type=media_type, headers=SECURITY_HEADERS)
+
+    @app.middleware("http")
+    async def security_headers(request: Any, call_next: Any) -> Any:
+        # Error answers too: a 404 page echoes the requested path.
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
 
     return app
 

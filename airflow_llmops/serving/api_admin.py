@@ -1,4 +1,5 @@
-"""Admin routes under ``/admin`` (bearer token): variants, weights, failure injection and a JSON metrics snapshot."""
+"""Admin routes under ``/admin`` (bearer token): variants, weights and fallback weights, boot info, failure
+injection (test servers only) and a JSON metrics snapshot."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from airflow_llmops.serving.config import VariantSpec
 from airflow_llmops.serving.deps import ServerState, bearer, check_admin, server_state
 from airflow_llmops.serving.schemas import (
     AddVariantRequest,
+    FallbackRequest,
+    ServerInfo,
     UpdateVariantRequest,
     VariantInfo,
     VariantsResponse,
@@ -30,7 +33,8 @@ State = Annotated[ServerState, Depends(server_state)]
 
 
 def _list(state: ServerState) -> VariantsResponse:
-    return VariantsResponse(variants=[state.registry.info(v) for v in state.registry.variants.values()])
+    registry = state.registry
+    return VariantsResponse(variants=[registry.info(v) for v in registry.variants.values()], fallback=registry.fallback)
 
 
 @router.get("/variants", response_model=VariantsResponse)
@@ -73,9 +77,33 @@ async def set_weights(body: WeightsRequest, state: State) -> Any:
     """Set relative weights of the named variants (others keep theirs): ``{"weights": {"blue": 90, "green": 10}}``.
 
     Weights are non-negative and must sum to more than 0 over the non-shadow variants; unknown names → 404.
+    ``"fallback": {"blue": 100, "green": 0}`` also records the weights a restarted server starts with (a rollout
+    step sets the next weights and its last safe ones in one call); without it the fallback is unchanged.
     """
-    state.registry.set_weights(body.weights)
+    state.registry.set_weights(body.weights, body.fallback)
     return _list(state)
+
+
+@router.put("/fallback", response_model=ServerInfo)
+async def set_fallback(body: FallbackRequest, state: State) -> Any:
+    """Record the weights a restarted server starts with, kept in the state file until ``DELETE /admin/fallback``:
+    if the server dies mid-rollout it comes back on them ("old weights first"), not on the canary step."""
+    state.registry.set_fallback(body.weights)
+    return state.registry.server_info()
+
+
+@router.delete("/fallback", response_model=ServerInfo)
+async def clear_fallback(state: State) -> Any:
+    """Forget the fallback weights (the rollout ended)."""
+    state.registry.clear_fallback()
+    return state.registry.server_info()
+
+
+@router.get("/state", response_model=ServerInfo)
+async def server_state_info(state: State) -> Any:
+    """``boot_count`` (starts with this state file), ``started_at``, ``pid``, ``supervisor_restarts``, the
+    ``fallback`` weights and ``fallback_applied_at`` (when this boot started on them), and the current weights."""
+    return state.registry.server_info()
 
 
 @router.get("/metrics")

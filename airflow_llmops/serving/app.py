@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from airflow_llmops import __version__
 from airflow_llmops.serving import api_admin, api_inference
 from airflow_llmops.serving.config import ServerConfig
-from airflow_llmops.serving.deps import ServerState
+from airflow_llmops.serving.deps import REQUEST_ID_HEADER, ServerState, new_request_id, request_id
 from airflow_llmops.serving.errors import ServingError
 from airflow_llmops.serving.gateway import Gateway
 from airflow_llmops.serving.request_log import RequestLogWriter
@@ -91,6 +91,48 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class RequestIds:
+    """Give every request an id (the caller's ``X-Request-Id`` when safe), answer it in ``X-Request-Id``, and turn
+    an exception nothing else handled into a generic 500 that names the id; the details go to the log only."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", [])).get(_REQUEST_ID_KEY)
+        rid = new_request_id(given.decode("latin-1") if given is not None else None)
+        scope.setdefault("state", {})["request_id"] = rid
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == _REQUEST_ID_KEY for k, _ in headers):
+                    headers.append((_REQUEST_ID_KEY, rid.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request %s: unhandled error on %s %s", rid, scope.get("method"), scope.get("path"))
+            if started:  # part of the answer is out (a stream): nothing sensible to add, let the server close it
+                raise
+            await ErrorResponse(_internal_error(rid), 500, {REQUEST_ID_HEADER: rid})(scope, receive, send)
+
+
+_REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode()
+
+
+def _internal_error(rid: str) -> dict[str, Any]:
+    return error_body(f"internal error; request id {rid}", "server_error", 500, request_id=rid)
+
+
 _FIELD = re.compile(r"^(\w+|\d+)$")
 
 
@@ -134,8 +176,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> ErrorResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return ErrorResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", 500), 500)
+        # Reached only by errors outside RequestIds (which answers the same); never echo the exception.
+        rid = request_id(request)
+        log.error("request %s: unhandled error on %s", rid, request.url.path, exc_info=exc)
+        return ErrorResponse(_internal_error(rid), 500, {REQUEST_ID_HEADER: rid})
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -155,12 +199,17 @@ def create_app(config: ServerConfig) -> FastAPI:
                 config.request_log,
                 max_bytes=config.request_log_max_bytes,
                 max_age_s=config.request_log_max_age_s,
+                retention_s=config.request_log_retention_s,
+                max_total_bytes=config.request_log_max_total_bytes,
                 on_drop=telemetry.log_dropped.inc,
             )
         registry = VariantRegistry(config, telemetry)
         gateway = Gateway(registry, telemetry, writer, shadow_max_pending=config.shadow_max_pending)
         app.state.llmops = ServerState(config, telemetry, registry, gateway, writer)
         await registry.start()
+        # The socket is not served until startup ends: connections wait in the listen backlog meanwhile.
+        if config.wait_for_models_s > 0 and not await registry.wait_loaded(config.wait_for_models_s):
+            log.warning("variants still loading after %.0f s; serving anyway", config.wait_for_models_s)
         try:
             yield
         finally:
@@ -199,4 +248,5 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.include_router(api_inference.router)
     app.include_router(api_admin.router)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(RequestIds)  # added last: outermost, so 413s and every error carry the id too
     return app

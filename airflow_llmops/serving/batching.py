@@ -6,6 +6,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -50,6 +51,7 @@ class Batcher(Generic[P, R]):
         self._size_of = size_of
         self._on_batch = on_batch
         self._pending: collections.deque[_Item[P, R]] = collections.deque()
+        self._inflight: list[_Item[P, R]] = []
         self._pending_size = 0
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
@@ -59,19 +61,27 @@ class Batcher(Generic[P, R]):
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
 
-    async def stop(self) -> None:
+    async def stop(self, drain_s: float = 30.0) -> None:
+        """Finish what was already submitted (for up to ``drain_s``), then stop; anything left fails as unavailable.
+
+        Draining matters when a variant is removed under traffic (a rollback): the requests routed to it before its
+        weight went to 0 are answered instead of hanging or failing."""
+        deadline = time.monotonic() + drain_s
+        while (self._pending or self._inflight) and self._task is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        while self._pending:
-            item = self._pending.popleft()
+        left = [*self._inflight, *self._pending]
+        self._inflight, self._pending = [], collections.deque()
+        for item in left:
             if not item.future.done():
                 item.future.set_exception(Unavailable(f"variant {self.name!r} was removed while the request waited"))
 
     async def submit(self, payload: P) -> R:
         if self._task is None:
-            raise RuntimeError(f"batcher of {self.name!r} is not running")
+            raise Unavailable(f"variant {self.name!r} was removed before the request reached it")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         size = max(1, self._size_of(payload))
         self._pending.append(_Item(payload, size, future))
@@ -111,10 +121,13 @@ class Batcher(Generic[P, R]):
             self._last_size = sum(i.size for i in batch)
             if self._on_batch is not None:
                 self._on_batch(self._last_size)
+            self._inflight = batch
             try:
                 results = await loop.run_in_executor(self._executor, self._run_isolated, [i.payload for i in batch])
             except Exception as err:  # the executor itself failed (shut down): fail this batch, keep going
                 results = [err] * len(batch)
+            finally:
+                self._inflight = []
             for item, result in zip(batch, results, strict=True):
                 if item.future.done():
                     continue

@@ -117,9 +117,32 @@ class ServingClient:
     def remove_variant(self, name: str, *, force: bool = False) -> None:
         self._admin("DELETE", f"/variants/{name}", params={"force": "true"} if force else None)
 
-    def set_weights(self, weights: Mapping[str, float]) -> list[dict[str, Any]]:
-        """Relative weights of the named variants (others keep theirs); returns every variant afterwards."""
-        return list(self._admin("PUT", "/weights", json={"weights": dict(weights)})["variants"])
+    def set_weights(
+        self, weights: Mapping[str, float], fallback: Mapping[str, float] | None = None
+    ) -> list[dict[str, Any]]:
+        """Relative weights of the named variants (others keep theirs); returns every variant afterwards.
+
+        ``fallback`` also records, in the same call, the weights the server starts with if it restarts before the
+        next change (a rollout step passes its last safe weights); ``None`` leaves the recorded fallback as it is.
+        """
+        payload: dict[str, Any] = {"weights": dict(weights)}
+        if fallback is not None:
+            payload["fallback"] = dict(fallback)
+        return list(self._admin("PUT", "/weights", json=payload)["variants"])
+
+    def set_fallback(self, weights: Mapping[str, float]) -> dict[str, Any]:
+        """Record the weights a restarted server starts with ("old weights first"); returns :meth:`server_info`."""
+        return dict(self._admin("PUT", "/fallback", json={"weights": dict(weights)}))
+
+    def clear_fallback(self) -> dict[str, Any]:
+        """Forget the fallback weights (the rollout ended); returns :meth:`server_info`."""
+        return dict(self._admin("DELETE", "/fallback"))
+
+    def server_info(self) -> dict[str, Any]:
+        """``boot_count`` and ``started_at`` (another value than before: the server restarted), ``pid``,
+        ``supervisor_restarts``, ``fallback`` (``{"weights", "set_at"}`` or ``None``), ``fallback_applied_at``
+        (this boot started on the fallback weights) and the current ``weights``."""
+        return dict(self._admin("GET", "/state"))
 
     def metrics(self, since: float | None = None, *, window_s: float | None = None) -> dict[str, dict[str, Any]]:
         """Per variant: requests, errors, error_rate, p50_latency_ms, p95_latency_ms, tokens since ``since``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -14,6 +15,11 @@ VARIANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _NAME_RE = re.compile(VARIANT_NAME)
 ENV_ADMIN_TOKEN = "LLMOPS_ADMIN_TOKEN"
 ENV_API_KEY = "LLMOPS_API_KEY"
+# Test-only switch (also ``--enable-fault-injection``): lets a test harness that starts servers through other code
+# (the local platform passes its environment on) turn failure injection on without a flag of its own.
+ENV_FAULT_INJECTION = "LLMOPS_ENABLE_FAULT_INJECTION"
+DAY_S = 86_400.0
+GIB = 1024**3
 
 
 class _Model(BaseModel):
@@ -22,6 +28,8 @@ class _Model(BaseModel):
 
 class FaultSpec(_Model):
     """Failure injection, for tests only: make a variant fail or slow down on purpose (a "broken model").
+
+    Refused (404) unless the server runs with ``--enable-fault-injection`` (or ``LLMOPS_ENABLE_FAULT_INJECTION=1``).
 
     :param error_rate: fraction of this variant's requests answered with HTTP 500 (``injected_fault``).
     :param extra_latency_ms: added to every request of this variant before it answers.
@@ -80,10 +88,32 @@ class ServerConfig(_Model):
     api_key: str | None = Field(default=None, description="bearer token of /v1/*; None leaves them open")
     served_model_name: str = "llmops"
     request_log: Path | None = None
-    request_log_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    request_log_max_age_s: float = Field(default=3600.0, gt=0)
+    request_log_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="rotate at this file size")
+    request_log_max_age_s: float = Field(default=3600.0, gt=0, description="rotate when the file is this old")
+    request_log_retention_s: float = Field(
+        default=7 * DAY_S, gt=0, description="delete rotated request-log files last written longer ago than this"
+    )
+    request_log_max_total_bytes: int = Field(
+        default=GIB, ge=1024, description="delete the oldest rotated request-log files beyond this total size"
+    )
     state_file: Path | None = None
-    model_cache: Path | None = Field(default=None, description="where models:/ and remote sources are downloaded")
+    model_cache: Path | None = Field(
+        default=None,
+        description="where models:/ and remote sources are downloaded, one folder per model version, reused "
+        "across restarts; without it a private temporary folder, deleted at shutdown",
+    )
+    enable_fault_injection: bool = Field(
+        default=False, description="tests only: allow a variant's `fault` (else requests that set one get 404)"
+    )
+    wait_for_models_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="accept no connection until the initial variants are loaded (at most this long); the "
+        "supervisor sets it on restarts, so requests queued in the listen backlog meet a loaded model",
+    )
+    supervisor_restarts: int | None = Field(
+        default=None, ge=0, description="set by the supervisor on its child: how many times it restarted it"
+    )
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_prompt_chars: int = Field(default=32_000, ge=1)
     max_inputs: int = Field(default=256, ge=1, description="texts per /v1/classify request, prompts per completion")
@@ -103,13 +133,37 @@ class ServerConfig(_Model):
         return self
 
     def with_env_defaults(self) -> ServerConfig:
-        """Fill ``admin_token`` and ``api_key`` from ``LLMOPS_ADMIN_TOKEN`` / ``LLMOPS_API_KEY`` when unset."""
-        update: dict[str, str] = {}
+        """Fill ``admin_token`` and ``api_key`` from ``LLMOPS_ADMIN_TOKEN`` / ``LLMOPS_API_KEY`` when unset, and
+        turn failure injection on when ``LLMOPS_ENABLE_FAULT_INJECTION`` is ``1``/``true``/``yes``."""
+        update: dict[str, object] = {}
         if self.admin_token is None and os.environ.get(ENV_ADMIN_TOKEN):
             update["admin_token"] = os.environ[ENV_ADMIN_TOKEN]
         if self.api_key is None and os.environ.get(ENV_API_KEY):
             update["api_key"] = os.environ[ENV_API_KEY]
+        if not self.enable_fault_injection and env_flag(ENV_FAULT_INJECTION):
+            update["enable_fault_injection"] = True
         return self.model_copy(update=update) if update else self
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """The secret in ``path`` (surrounding whitespace stripped); read once at start.
+
+    A file is the way to hand a token to the server without it showing in ``ps`` (argv is world-readable).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+        mode = Path(path).stat().st_mode
+    except OSError as err:
+        raise ValueError(f"cannot read the {what} file {path}: {err.strerror or err}") from None
+    if not text:
+        raise ValueError(f"the {what} file {path} is empty")
+    if mode & 0o077:
+        logging.getLogger(__name__).warning("the %s file %s is readable by other users (chmod 600 it)", what, path)
+    return text
 
 
 def parse_model_arg(value: str, *, shadow: bool = False) -> VariantSpec:

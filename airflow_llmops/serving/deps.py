@@ -39,9 +39,15 @@ def server_state(request: Request) -> ServerState:
     return state
 
 
+def new_request_id(given: str | None) -> str:
+    """The caller's ``X-Request-Id`` when it is a safe token, else a fresh one."""
+    return given if given and _SAFE_ID.match(given) else uuid.uuid4().hex
+
+
 def request_id(request: Request) -> str:
-    given = request.headers.get(REQUEST_ID_HEADER, "")
-    return given if _SAFE_ID.match(given) else uuid.uuid4().hex
+    """The id the ``RequestIds`` middleware gave this request (echoed in ``X-Request-Id`` and in error bodies)."""
+    rid = getattr(request.state, "request_id", None)
+    return rid if isinstance(rid, str) else new_request_id(request.headers.get(REQUEST_ID_HEADER))
 
 
 class Unauthorized(ServingError):

@@ -52,3 +52,25 @@ class ModelLoadError(ServingError):
 
     status_code = 422
     error_type = "model_load_error"
+
+
+class FaultInjectionDisabled(NotFound):
+    """A request asked for failure injection on a server started without ``--enable-fault-injection``: the
+    feature does not exist there (404), so a production server cannot be broken through its admin API."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "failure injection is disabled on this server: it is a test feature, available only when the server "
+            "is started with --enable-fault-injection (or LLMOPS_ENABLE_FAULT_INJECTION=1)"
+        )
+
+
+class InternalError(ServingError):
+    """An unexpected failure: the caller gets this generic message and the request id; the details are logged."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, rid: str) -> None:
+        super().__init__(f"internal error; request id {rid}")
+        self.request_id = rid

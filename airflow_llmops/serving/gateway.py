@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from airflow_llmops.serving.errors import InjectedFault, ServingError, Unavailable
+from airflow_llmops.serving.errors import InjectedFault, InternalError, ServingError, Unavailable
 from airflow_llmops.serving.models import Classification, Generation, GenerationParams, Task
 from airflow_llmops.serving.request_log import RequestLogWriter
 from airflow_llmops.serving.telemetry import Telemetry
@@ -86,7 +86,7 @@ class Gateway:
 
     async def _inject_fault(self, variant: Variant) -> None:
         fault = variant.spec.fault
-        if fault is None:
+        if fault is None or not self.registry.config.enable_fault_injection:
             return
         if fault.extra_latency_ms > 0:
             await asyncio.sleep(fault.extra_latency_ms / 1000.0)
@@ -164,8 +164,9 @@ class Gateway:
             self._record(variant, endpoint, request_id, inputs, started, shadow=shadow, status=status, error=message)
             if isinstance(err, (ServingError, asyncio.CancelledError)):
                 raise
-            log.exception("variant %s failed on %s", variant.name, endpoint)
-            raise ServingError(f"variant {variant.name!r} failed: {message}") from err
+            # The details stay in the server log: an exception's text can hold paths, inputs or library internals.
+            log.exception("request %s: variant %s failed on %s", request_id, variant.name, endpoint)
+            raise InternalError(request_id) from err
         self._record(
             variant,
             endpoint,
@@ -252,7 +253,10 @@ class Gateway:
                     break
         except Exception as err:
             status, error = _status_of(err)
-            raise
+            if isinstance(err, ServingError):
+                raise
+            log.exception("request %s: variant %s failed on %s", request_id, variant.name, endpoint)
+            raise InternalError(request_id) from err
         finally:
             cancelled.set()
             outputs = [{"output": final.text}] if final is not None else []

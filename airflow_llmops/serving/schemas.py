@@ -105,10 +105,42 @@ class UpdateVariantRequest(BaseModel):
     clear_fault: bool = False
 
 
+Weight = Annotated[float, Field(ge=0.0, le=1e9, allow_inf_nan=False)]
+
+
 class WeightsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    weights: dict[str, Annotated[float, Field(ge=0.0, le=1e9, allow_inf_nan=False)]] = Field(min_length=1)
+    weights: dict[str, Weight] = Field(min_length=1)
+    fallback: dict[str, Weight] | None = Field(
+        default=None,
+        min_length=1,
+        description="also record these as the weights a restarted server starts with (absent: unchanged)",
+    )
+
+
+class FallbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weights: dict[str, Weight] = Field(min_length=1, description="weights a restarted server starts with")
+
+
+class Fallback(BaseModel):
+    weights: dict[str, float]
+    set_at: float | None
+
+
+class ServerInfo(BaseModel):
+    """Boot facts and the fallback: a client that saw another ``boot_count`` or ``started_at`` knows the server
+    restarted; ``fallback_applied_at`` says this boot started on the fallback weights."""
+
+    boot_count: int
+    started_at: float
+    pid: int
+    supervisor_restarts: int | None
+    fallback: Fallback | None
+    fallback_applied_at: float | None
+    weights: dict[str, float]
 
 
 class VariantInfo(BaseModel):
@@ -127,6 +159,7 @@ class VariantInfo(BaseModel):
 
 class VariantsResponse(BaseModel):
     variants: list[VariantInfo]
+    fallback: dict[str, float] | None = None
 
 
 class ErrorBody(BaseModel):

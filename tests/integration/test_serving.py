@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import require_module
 from test_serving_models import LABELS, Server, build_classifier, build_tiny_lm, start_server
 
 from airflow_llmops.serving.client import ServingClient, ServingClientError
@@ -60,7 +61,8 @@ def models_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture
 def echo_server(tmp_path: Path) -> Iterator[Server]:
-    """A server of trivial ``echo://`` variants: routing, shadowing and faults without model cost."""
+    """A server of trivial ``echo://`` variants: routing, shadowing and faults without model cost (failure
+    injection is a test feature the server refuses unless started with --enable-fault-injection)."""
     server = start_server(
         tmp_path,
         "--model", "base=echo://:1",
@@ -68,6 +70,7 @@ def echo_server(tmp_path: Path) -> Iterator[Server]:
         "--request-log", str(tmp_path / "requests"),
         "--state-file", str(tmp_path / "state.json"),
         "--max-batch-delay-ms", "0",
+        "--enable-fault-injection",
     )  # fmt: skip
     yield server
     server.process.stop()
@@ -172,7 +175,7 @@ def test_completions_and_streaming_give_the_same_text(models_server: Server) -> 
 
 
 def test_openai_client_talks_to_completions_and_chat(models_server: Server) -> None:
-    openai = pytest.importorskip("openai")
+    openai = require_module("openai")
     client = openai.OpenAI(base_url=f"{models_server.url}/v1", api_key=API_KEY, timeout=TIMEOUT, max_retries=0)
     completion = client.completions.create(model="llmops", prompt="hello", max_tokens=6, temperature=0)
     assert completion.choices[0].finish_reason in ("stop", "length")

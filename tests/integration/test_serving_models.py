@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import require_module
 
 from airflow_llmops.processes import ManagedProcess, free_port, http_ok
 
@@ -217,7 +218,7 @@ def test_quantized_marker_selects_the_quantized_loader_and_loaders_can_be_added(
 
 
 def test_models_uri_from_an_mlflow_registry_resolves_to_the_hf_folder(tmp_path: Path, classifier_dir: Path) -> None:
-    mlflow = pytest.importorskip("mlflow")
+    mlflow = require_module("mlflow")
     from airflow_llmops.serving.sources import resolve_source
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

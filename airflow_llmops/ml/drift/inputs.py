@@ -64,31 +64,41 @@ def load_reference(folder: str | Path, *, split: str = "train") -> Reference:
 
 @dataclasses.dataclass
 class Window:
-    """Records of the request log with ``start <= ts < end`` (mirrored shadow copies left out)."""
+    """Records of the request log with ``start <= ts < end`` (mirrored shadow copies left out); ``files_read``
+    counts the log files opened for it."""
 
     data: pd.DataFrame
     start: float
     end: float
     corrupt_lines: int = 0
+    files_read: int = 0
 
 
 def read_window(folder: str | Path, start: float, end: float, *, include_shadow: bool = False) -> Window:
-    """One time window of the request log; unreadable lines are skipped and counted."""
+    """One time window of the request log; unreadable lines are skipped and counted.
+
+    Only the log files whose time range overlaps the window are opened (chosen by their names and mtimes), so the
+    cost follows the window's traffic, not the size of the whole log.
+    """
     import pandas as pd
 
     from airflow_llmops.serving.request_log import read_request_log
 
-    corrupt = 0
+    corrupt = files = 0
 
     def count(_path: Path, _line: int) -> None:
         nonlocal corrupt
         corrupt += 1
 
+    def opened(_path: Path) -> None:
+        nonlocal files
+        files += 1
+
     rows: list[dict[str, Any]] = []
     folder = Path(str(folder).removeprefix("file://"))
     if folder.is_dir():
-        for record in read_request_log(folder, since=start, on_corrupt=count):
-            if float(record.get("ts", 0)) >= end or (record.get("shadow") and not include_shadow):
+        for record in read_request_log(folder, since=start, until=end, on_corrupt=count, on_file=opened):
+            if record.get("shadow") and not include_shadow:
                 continue
             rows.append(
                 {
@@ -101,7 +111,8 @@ def read_window(folder: str | Path, start: float, end: float, *, include_shadow:
                 }
             )
     columns = ["ts", "variant", "status", "latency_ms", "input", "output"]
-    return Window(data=pd.DataFrame(rows, columns=columns), start=start, end=end, corrupt_lines=corrupt)
+    frame = pd.DataFrame(rows, columns=columns)
+    return Window(data=frame, start=start, end=end, corrupt_lines=corrupt, files_read=files)
 
 
 def earliest_latencies(folder: str | Path, *, span_s: float, before: float, limit: int) -> list[float]:
