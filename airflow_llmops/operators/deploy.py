@@ -39,6 +39,8 @@ class DeployModelOperator(LLMOpsBaseOperator):
     :param rollout: :class:`~airflow_llmops.specs.RolloutPlan` or a mapping / JSON of one (templated).
     :param variant: the new variant's name; default ``v<version>`` for a registry version (templated).
     :param port: port of a new local endpoint (an existing one keeps its port).
+    :param platform_options: extra keyword arguments of the platform's adapter (local: ``host``,
+        ``advertise_host``; JSON values only, never credentials: those belong in ``platform_conn_id``).
     """
 
     template_fields: Sequence[str] = (
@@ -63,6 +65,7 @@ class DeployModelOperator(LLMOpsBaseOperator):
         endpoints_root: str | None = None,
         port: int | None = None,
         mlflow_tracking_uri: str | None = None,
+        platform_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -73,13 +76,21 @@ class DeployModelOperator(LLMOpsBaseOperator):
         self.endpoints_root = endpoints_root
         self.port = port
         self.mlflow_tracking_uri = mlflow_tracking_uri
+        self.platform_options = dict(platform_options or {})
 
     def platform_kwargs(self) -> dict[str, Any]:
+        if self.check_platform() != "local":
+            return dict(self.platform_options)
         tracking = self.mlflow_tracking_uri if self.mlflow_tracking_uri is not None else default_mlflow_tracking_uri()
+        host = conf.get("llmops", "local_endpoints_host", fallback="") or None
+        advertise = conf.get("llmops", "local_endpoints_advertise_host", fallback="") or None
         return {
             "endpoints_root": self.endpoints_root or default_endpoints_root(),
             "env": {"MLFLOW_TRACKING_URI": tracking} if tracking else {},
             "port": self.port,
+            **({"host": host} if host else {}),
+            **({"advertise_host": advertise} if advertise else {}),
+            **self.platform_options,
         }
 
     def variant_name(self, context: Context) -> str:
@@ -89,19 +100,25 @@ class DeployModelOperator(LLMOpsBaseOperator):
         return f"v{match.group(1)}" if match else self.job_name(context)[-16:].strip("-")
 
     def execute(self, context: Context) -> dict[str, Any]:
-        if self.check_platform() != "local":
-            raise AirflowFailException(f"{self.task_id}: no deployment adapter for {self.platform!r} yet; use 'local'")
+        from airflow_llmops.platforms import DeploymentError, deployment_platform, validate_endpoint_name
+
         try:
             plan = RolloutPlan.parse(self.rollout or {})
-        except SpecValidationError as err:
-            raise AirflowFailException(str(err)) from None
-        from airflow_llmops.platforms.local_serving import DeploymentError, LocalEndpoints
-
+            endpoint_name = validate_endpoint_name(str(self.endpoint_name))
+        except (SpecValidationError, ValueError) as err:
+            raise AirflowFailException(f"{self.task_id}: {err}") from None
         kwargs = self.platform_kwargs()
-        platform = LocalEndpoints(**kwargs)
+        try:
+            platform = deployment_platform(self.check_platform(), **kwargs)
+        except ValueError as err:
+            raise AirflowFailException(f"{self.task_id}: {err}") from None
+        refused = platform.capabilities.refuse(plan, platform.name)
+        if refused:
+            raise AirflowFailException(f"{self.task_id}: {refused}")
         variant = self.variant_name(context)
         try:
-            handle = platform.deploy(str(self.endpoint_name), model_uri=str(self.model_uri), variant=variant, plan=plan)
+            self._roll_back_stale(platform, endpoint_name, variant)
+            handle = platform.deploy(endpoint_name, model_uri=str(self.model_uri), variant=variant, plan=plan)
         except DeploymentError as err:
             raise AirflowFailException(f"{self.task_id}: {err}") from None
         if handle.url:
@@ -117,6 +134,7 @@ class DeployModelOperator(LLMOpsBaseOperator):
             plan.steps(),
         )
         return {
+            "platform": platform.name,
             "handle": handle.to_dict(),
             "plan": plan.to_dict(),
             "platform_kwargs": kwargs,
@@ -124,3 +142,24 @@ class DeployModelOperator(LLMOpsBaseOperator):
             "model_uri": str(self.model_uri),
             "url": handle.url,
         }
+
+    def _roll_back_stale(self, platform: Any, endpoint_name: str, variant: str) -> None:
+        """A rollout of another version still recorded as in progress (its worker was killed and never came
+        back) would leave a split: restore the weights from before it first."""
+        from airflow_llmops.platforms import EndpointHandle
+
+        record = platform.get_rollout_record(endpoint_name)
+        if record is None or not record.in_progress or record.variant == variant:
+            return
+        self.log.warning(
+            "Endpoint %s: the rollout of %s (%s) never finished; restoring the weights from before it (%s)",
+            endpoint_name,
+            record.variant,
+            record.rollout_id,
+            record.previous,
+        )
+        handle = EndpointHandle(platform=platform.name, endpoint_name=endpoint_name)
+        platform.rollback(handle, failed_variant=record.variant, previous=record.previous)
+        record.state = "rolled_back"
+        record.message = f"abandoned at step {record.step + 1}; rolled back before deploying {variant}"
+        platform.put_rollout_record(endpoint_name, record)

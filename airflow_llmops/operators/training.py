@@ -104,10 +104,10 @@ class TrainModelOperator(LLMOpsBaseOperator):
         return {"jobs_root": self.jobs_root or default_local_jobs_root(), "env": env}
 
     def platform_adapter(self) -> TrainingPlatform:
-        from airflow_llmops.platforms import get_platform
+        from airflow_llmops.platforms import training_platform
 
         try:
-            return get_platform(self.check_platform(), **self.platform_kwargs())
+            return training_platform(self.check_platform(), **self.platform_kwargs())
         except ValueError as err:
             raise AirflowFailException(str(err)) from None
 

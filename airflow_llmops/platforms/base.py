@@ -117,24 +117,134 @@ class TrainingPlatform(Protocol):
     def describe_training(self, handle: JobHandle) -> dict[str, Any]: ...
 
 
+class DeploymentError(RuntimeError):
+    """An endpoint could not be started or changed; the message says what the platform answered."""
+
+
+class EndpointChangedError(DeploymentError):
+    """The endpoint changed under a rollout step (its server restarted, its split was reset): the step's numbers
+    cannot be trusted and the rollout must not continue from them."""
+
+
+@dataclass(frozen=True)
+class PlatformCapabilities(_Record):
+    """What a platform's endpoints can do, so an operator refuses a plan it cannot honour before touching traffic.
+
+    :param traffic_split: weighted traffic between versions of one endpoint (canary, linear, blue/green steps).
+    :param shadow: mirrored copies of requests to a version whose answers are not returned.
+    :param native_guarded_deployment: the platform walks the steps itself with alarm-based rollback (SageMaker
+        blue/green deployment configs); the rollout then watches instead of stepping.
+    :param autoscaling: instance counts follow the load.
+    """
+
+    traffic_split: bool = True
+    shadow: bool = False
+    native_guarded_deployment: bool = False
+    autoscaling: bool = False
+
+    def refuse(self, plan: RolloutPlan, platform: str) -> str | None:
+        """Why ``plan`` cannot run on this platform, or None."""
+        if plan.strategy == "shadow" and not self.shadow:
+            return (
+                f"platform {platform!r} cannot mirror traffic, so rollout strategy 'shadow' cannot run there; "
+                "use 'canary' or 'blue_green'"
+            )
+        if plan.strategy in ("canary", "linear") and not self.traffic_split:
+            return (
+                f"platform {platform!r} cannot split traffic between versions, so rollout strategy "
+                f"{plan.strategy!r} cannot run there; use 'blue_green' or 'all_at_once'"
+            )
+        return None
+
+
+ROLLOUT_IN_PROGRESS = "in_progress"
+ROLLOUT_TERMINAL = ("succeeded", "rolled_back", "failed")
+
+
+@dataclass
+class RolloutRecord(_Record):
+    """A rollout's progress, kept on the endpoint (a file next to the local server, tags on a cloud endpoint) so
+    that whoever acts next (a retry, another worker, a restarted triggerer) knows where the walk stands.
+
+    ``previous`` is the traffic split before the rollout: rolling back restores exactly it. ``step`` indexes the
+    plan's steps; ``step_started_at`` is None until that step's traffic is set. ``state`` is ``in_progress`` or
+    one of ``succeeded``, ``rolled_back``, ``failed`` (failed and left in place: ``auto_rollback=False``).
+    """
+
+    rollout_id: str
+    variant: str
+    model_uri: str
+    previous: dict[str, float]
+    plan: dict[str, Any]
+    state: str = ROLLOUT_IN_PROGRESS
+    step: int = 0
+    step_started_at: float | None = None
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    message: str = ""
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    attempts: int = 1
+
+    @property
+    def in_progress(self) -> bool:
+        return self.state == ROLLOUT_IN_PROGRESS
+
+
 @runtime_checkable
 class DeploymentPlatform(Protocol):
-    """Deployment half of the protocol: versions behind an endpoint, traffic between them, and their health."""
+    """Deployment half of the protocol: versions behind an endpoint, traffic between them, and their health.
+
+    Weights are percentages per variant summing to 100 (:func:`validate_weights`). Every method may be called
+    from any process: what a later call needs is on the endpoint (its record), not in the adapter object.
+    """
 
     name: str
+    capabilities: PlatformCapabilities
 
-    def deploy(self, endpoint_name: str, *, model_uri: str, variant: str, plan: RolloutPlan) -> EndpointHandle: ...
+    def deploy(self, endpoint_name: str, *, model_uri: str, variant: str, plan: RolloutPlan) -> EndpointHandle:
+        """Load ``model_uri`` as ``variant`` next to the serving version at 0 % (the endpoint's first version
+        takes 100 %). The handle's ``extra["previous"]`` holds the serving split; deploying again is a no-op."""
+        ...
 
     def set_traffic(self, handle: EndpointHandle, weights: Mapping[str, float]) -> None: ...
 
-    def read_metrics(self, handle: EndpointHandle, *, variants: list[str]) -> list[VariantMetrics]: ...
+    def get_traffic(self, handle: EndpointHandle) -> dict[str, float]: ...
 
-    def rollback(self, handle: EndpointHandle, *, failed_variant: str) -> None: ...
+    def read_metrics(
+        self, handle: EndpointHandle, *, variants: list[str], since: float | None = None
+    ) -> list[VariantMetrics]:
+        """Per variant, the requests that finished at or after ``since`` (unix seconds)."""
+        ...
+
+    def rollback(self, handle: EndpointHandle, *, failed_variant: str, previous: Mapping[str, float]) -> None:
+        """Restore exactly ``previous`` (the split before the rollout), then remove ``failed_variant``."""
+        ...
+
+    def finish(self, handle: EndpointHandle, *, new_variant: str, keep_new: bool = True) -> None:
+        """Promote: ``new_variant`` takes everything and the old versions are unloaded (``keep_new=False``, a
+        shadow rollout: the new variant is removed and the serving split stays)."""
+        ...
 
     def describe_endpoint(self, handle: EndpointHandle) -> dict[str, Any]: ...
 
+    def get_rollout_record(self, endpoint_name: str) -> RolloutRecord | None: ...
+
+    def put_rollout_record(self, endpoint_name: str, record: RolloutRecord) -> None: ...
+
 
 _UNSAFE = re.compile(r"[^a-z0-9-]+")
+_ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def validate_endpoint_name(name: str) -> str:
+    """An endpoint name every platform accepts and that is safe as a folder name: letters, digits and inner
+    hyphens, at most 63 characters (SageMaker's and Azure ML's limit)."""
+    if not isinstance(name, str) or not _ENDPOINT_NAME.match(name):
+        raise ValueError(
+            f"endpoint_name {name!r} is not valid: use 1-63 letters, digits and inner hyphens "
+            "(no dots, slashes or spaces), e.g. 'chatterbot-topics'"
+        )
+    return name
 
 
 def job_name_for(dag_id: str, run_id: str, task_id: str, *, max_length: int = 63) -> str:

@@ -3,10 +3,11 @@ whether the new variant's live numbers meet the SLO (and compare well enough wit
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from airflow_llmops.platforms.base import VariantMetrics
+from airflow_llmops.platforms.base import DeploymentPlatform, EndpointHandle, RolloutRecord, VariantMetrics
 from airflow_llmops.specs import SLO, RolloutPlan
 
 
@@ -75,3 +76,77 @@ def step_weights(plan: RolloutPlan, percent: float, new: str, previous: dict[str
     total = sum(previous.values()) or 1.0
     rest = 100.0 - percent
     return {new: percent, **{name: rest * weight / total for name, weight in previous.items()}}
+
+
+def combined(rows: list[VariantMetrics]) -> VariantMetrics | None:
+    """The old variants as one (requests and errors summed, the worst p95)."""
+    if not rows:
+        return None
+    p95 = [r.p95_latency_ms for r in rows if r.p95_latency_ms is not None]
+    p50 = [r.p50_latency_ms for r in rows if r.p50_latency_ms is not None]
+    return VariantMetrics(
+        variant="+".join(r.variant for r in rows),
+        requests=sum(r.requests for r in rows),
+        errors=sum(r.errors for r in rows),
+        p50_latency_ms=max(p50) if p50 else None,
+        p95_latency_ms=max(p95) if p95 else None,
+    )
+
+
+@dataclass(frozen=True)
+class StepCheck:
+    """Where one step stands: ``passed`` (baked and within the SLO), ``breach``, ``timeout`` (too little traffic
+    to judge by bake + max_wait) or ``wait``."""
+
+    status: str
+    step: int
+    percent: float
+    elapsed_s: float
+    verdict: Verdict
+
+    @property
+    def done(self) -> bool:
+        return self.status != "wait"
+
+    @property
+    def message(self) -> str:
+        if self.status == "timeout":
+            return f"step {self.percent:g}%: too little traffic to judge ({self.verdict.message})"
+        return f"step {self.percent:g}%: {self.verdict.message}"
+
+    def to_event(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "step": self.step,
+            "percent": self.percent,
+            "elapsed_s": round(self.elapsed_s, 1),
+            "message": self.message,
+            **self.verdict.to_dict(),
+        }
+
+
+def check_step(
+    platform: DeploymentPlatform,
+    handle: EndpointHandle,
+    record: RolloutRecord,
+    plan: RolloutPlan,
+    *,
+    max_wait_s: float,
+    now: float | None = None,
+) -> StepCheck:
+    """Judge the current step from the endpoint's numbers since the step began (read-only: safe in a trigger)."""
+    assert record.step_started_at is not None, "the step's traffic is not set yet"
+    percent = plan.steps()[record.step]
+    old = [name for name in record.previous if name != record.variant]
+    rows = platform.read_metrics(handle, variants=[record.variant, *old], since=record.step_started_at)
+    verdict = judge(rows[0], combined(rows[1:]), plan.slo)
+    elapsed = (time.time() if now is None else now) - record.step_started_at
+    if verdict.ok is False:
+        status = "breach"
+    elif verdict.ok and elapsed >= plan.bake_seconds:
+        status = "passed"
+    elif elapsed >= plan.bake_seconds + max_wait_s:
+        status = "timeout"
+    else:
+        status = "wait"
+    return StepCheck(status, record.step, percent, elapsed, verdict)

@@ -121,7 +121,7 @@ def test_cancel_stops_the_whole_process_group(tmp_path, dataset):
         time.sleep(0.5)
     platform.cancel_training(handle)
     assert job_processes(job_dir) == []
-    assert platform.get_training_status(handle).state is JobState.FAILED
+    assert platform.get_training_status(handle).state is JobState.CANCELLED
 
 
 def test_trigger_round_trips_and_fires_when_the_job_ends(tmp_path, dataset):
@@ -148,5 +148,5 @@ def test_trigger_round_trips_and_fires_when_the_job_ends(tmp_path, dataset):
 def test_unknown_and_unimplemented_platforms_say_so():
     with pytest.raises(ValueError, match="unknown platform 'mainframe'"):
         get_platform("mainframe")
-    with pytest.raises(ValueError, match="'sagemaker' has no training adapter"):
+    with pytest.raises(ValueError, match="'sagemaker' has no adapter"):
         get_platform("sagemaker")

@@ -102,9 +102,9 @@ def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db, mlflow_server, mon
     deployed = run.get_task_instance("deploy").xcom_pull(task_ids="deploy")
     rolled = run.get_task_instance("rollout").xcom_pull(task_ids="rollout")
     assert rolled["state"] == "succeeded" and rolled["promoted"]["version"] == registered["version"]
-    from airflow_llmops.platforms.local_serving import LocalEndpoints
+    from airflow_llmops.platforms import get_platform
 
-    endpoints = LocalEndpoints(deployed["platform_kwargs"]["endpoints_root"])
+    endpoints = get_platform("local", endpoints_root=deployed["platform_kwargs"]["endpoints_root"])
     try:
         import httpx
 
@@ -112,7 +112,7 @@ def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db, mlflow_server, mon
         assert answer.status_code == 200 and answer.json()["variant"] == deployed["variant"]
         assert answer.json()["results"][0]["label"] in manifest["splits"]["train"]["labels"]
     finally:
-        endpoints.stop_server("chatterbot-topics")
+        endpoints.stop_endpoint("chatterbot-topics")
 
 
 def test_bad_params_fail_the_plan_task_with_the_field_named(airflow_db, capfd):

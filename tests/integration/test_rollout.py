@@ -32,11 +32,11 @@ def classifier(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def endpoints(tmp_path_factory):
-    from airflow_llmops.platforms.local_serving import LocalEndpoints
+    from airflow_llmops.platforms import get_platform
 
     root = tmp_path_factory.mktemp("endpoints")
     yield root
-    LocalEndpoints(root).stop_server("topics")
+    get_platform("local", endpoints_root=str(root)).stop_endpoint("topics")
 
 
 class Load:
@@ -77,12 +77,10 @@ def _run(conf):
 
 
 def _variants(endpoints: Path) -> dict[str, float]:
-    from airflow_llmops.platforms.local_serving import LocalEndpoints
+    from airflow_llmops.platforms import EndpointHandle, get_platform
 
-    platform = LocalEndpoints(endpoints)
-    handle = platform.ensure_server("topics")
-    with platform.client(handle) as client:
-        return {v["name"]: v["weight"] for v in client.variants()}
+    platform = get_platform("local", endpoints_root=str(endpoints))
+    return dict(platform.get_traffic(EndpointHandle("local", "topics")))
 
 
 def test_a_broken_canary_rolls_back_and_a_good_one_takes_over_under_load(airflow_db, classifier, endpoints, capfd):
