@@ -34,6 +34,8 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_llmops.operators.evaluation",
                     "airflow_llmops.operators.registry",
                     "airflow_llmops.operators.deploy",
+                    "airflow_llmops.operators.rollout",
+                    "airflow_llmops.operators.latest_only",
                     "airflow_llmops.operators.drift",
                 ],
             },

@@ -9,17 +9,18 @@ from airflow.sdk import DAG, Param
 from airflow_llmops.operators import (
     DeployModelOperator,
     EvaluateModelOperator,
+    LatestOnlyGateOperator,
     PlanRunOperator,
     PrepareDatasetOperator,
     QuantizeModelOperator,
     RegisterModelOperator,
+    RolloutOperator,
     TrainModelOperator,
     ValidateDatasetOperator,
 )
 from airflow_llmops.operators.data import dataset_asset
 from airflow_llmops.operators.registry import model_alias_asset
 from airflow_llmops.schedules import reference_schedule
-from airflow_llmops.sensors.rollout import RolloutHealthSensor
 
 DATASET = "chatterbot-topics"
 MODEL = "chatterbot-topics-classifier"
@@ -49,6 +50,8 @@ default), judging each step on live p95 latency and error rate, rolls back on a 
 The prepared dataset is published as the Asset `x-llmops://datasets/chatterbot-topics`.
 
 * **Schedule**: daily; each run works on its own data interval, so a backfill re-plans exactly those days.
+* **Latest only**: `latest_only` lets `deploy` and `rollout` run for the latest interval and for manual or
+  triggered runs; a backfilled (or older scheduled) run stops after `register`, and the skip says why.
 * **Manual runs**: *Trigger DAG w/ config* shows typed Params (model, task, platform, rollout strategy...);
   invalid values are refused by the form, and inconsistent combinations fail the `plan` task with the
   field and value at fault.
@@ -211,6 +214,10 @@ with DAG(
         training_run_id="{{ ti.xcom_pull(task_ids='train')['mlflow_run_id'] }}",
         registered_model_name=MODEL,
     )
+    # Backfills and older intervals train, evaluate and register, but never touch the live endpoint.
+    latest_only = LatestOnlyGateOperator(
+        task_id="latest_only", model_version="{{ (ti.xcom_pull(task_ids='register') or {}).get('version', '') }}"
+    )
     deploy = DeployModelOperator(
         task_id="deploy",
         platform="{{ params.platform }}",
@@ -218,12 +225,16 @@ with DAG(
         endpoint_name=DATASET,
         rollout="{{ ti.xcom_pull(task_ids='plan')['specs']['rollout'] }}",
     )
-    rollout = RolloutHealthSensor(
+    rollout = RolloutOperator(
         task_id="rollout",
         rollout="{{ ti.xcom_pull(task_ids='deploy') }}",
         deferrable=True,
         poll_interval=2,
-        retries=0,  # a rolled-back rollout is a verdict, not a glitch
+        # A retry re-attaches to the walk recorded on the endpoint (a killed worker, a lost deferral); a rollout
+        # that was rolled back stays a verdict: the retry fails at once with its reason.
+        retries=2,
+        retry_delay=timedelta(seconds=5),
+        retry_exponential_backoff=0,
         outlets=[model_alias_asset(MODEL)],
     )
-    plan >> prepare >> validate >> train >> quantize >> evaluate >> register >> deploy >> rollout
+    plan >> prepare >> validate >> train >> quantize >> evaluate >> register >> latest_only >> deploy >> rollout

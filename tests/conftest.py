@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -52,6 +54,22 @@ def require_service(name: str, host: str, port: int) -> None:
     if IN_CI:
         pytest.fail(f"{message}, and CI=true requires it")
     pytest.skip(message)
+
+
+def require_module(name: str) -> ModuleType:
+    """Import an optional dependency (an extra or a dev tool) for a test module or test: skip where it is not
+    installed on a developer machine, fail under CI=true, where the environment must have it. Works at module
+    level (instead of ``pytest.importorskip``) and inside a test. A module that is installed but fails to import
+    is an error everywhere."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (name == err.name or name.startswith(f"{err.name}.")):
+            raise  # installed, but one of its own imports is missing: a broken environment, not an absent extra
+        message = f"{name} is not installed"
+        if IN_CI:
+            pytest.fail(f"{message}, and CI=true requires it (install the project with its extras)", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
 
 
 def prepare_chatterbot(

@@ -101,7 +101,8 @@ class AirflowClient:
         self._request("PATCH", path, {"state": state})
 
     def upstream_asset_events(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-        """The asset events that created an asset-triggered run."""
+        """The asset events that created an asset-triggered run. Airflow 3.3.2 answers HTTP 500 while a run those
+        events created is still queued (apache/airflow#71360): ask once the run has started."""
         path = (
             f"/api/v2/dags/{urllib.parse.quote(dag_id)}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
             "/upstreamAssetEvents"
@@ -136,9 +137,17 @@ class AirflowClient:
         path = f"/api/v2/dags/{urllib.parse.quote(dag_id)}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances"
         return list(self._request("GET", path)["task_instances"])
 
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+    def xcom(
+        self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", *, missing_ok: bool = False
+    ) -> Any:
+        """An XCom value; with ``missing_ok``, None where the task pushed none (skipped, failed, not run)."""
         path = (
             f"/api/v2/dags/{urllib.parse.quote(dag_id)}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
             f"/taskInstances/{urllib.parse.quote(task_id)}/xcomEntries/{urllib.parse.quote(key)}?deserialize=true"
         )
-        return self._request("GET", path).get("value")
+        try:
+            return self._request("GET", path).get("value")
+        except AirflowAPIError as err:
+            if missing_ok and err.status == 404:
+                return None
+            raise

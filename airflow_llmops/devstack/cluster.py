@@ -25,7 +25,8 @@ class AirflowCluster:
     """Start with ``with AirflowCluster(home, dags) as cluster: cluster.client.trigger(...)``.
 
     :param extra_env: overrides such as the database URL and the executor.
-    :param components: Airflow sub-commands to run; ``celery worker`` adds a Celery worker.
+    :param components: Airflow sub-commands to run, with options where needed; ``celery worker`` adds a Celery
+        worker. :meth:`log` takes the same string.
     """
 
     def __init__(
@@ -72,8 +73,9 @@ class AirflowCluster:
         if migrate.returncode != 0:
             raise RuntimeError(f"airflow db migrate failed:\n{migrate.stdout[-3000:]}\n{migrate.stderr[-3000:]}")
         for component in self.components:
-            argv = [self.airflow, *component.split()]
-            if component in ("scheduler", "triggerer", "celery worker"):
+            words = component.split()  # a component may carry options: "celery worker --queues q"
+            argv = [self.airflow, *words]
+            if words[:1] in (["scheduler"], ["triggerer"]) or words[:2] == ["celery", "worker"]:
                 argv.append("--skip-serve-logs")
             proc = ManagedProcess(component, argv, self.log(component), env=self.env, cwd=self.home)
             self.processes.append(proc.start())

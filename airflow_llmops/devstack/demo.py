@@ -11,20 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from airflow_llmops.devstack.airflow_api import AirflowClient
-from airflow_llmops.devstack.demo_drift import follow
+from airflow_llmops.devstack.demo_drift import Step, explain_run, follow
 from airflow_llmops.devstack.env import airflow_env, generated_admin_password
 from airflow_llmops.devstack.mlflow_server import MLflowServer
-from airflow_llmops.processes import ManagedProcess, port_open, stop_process_group, tail
+from airflow_llmops.processes import ManagedProcess, ProcessRecord, port_open, tail
 
 DAG_ID = "llmops_local"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
 
 
 class Demo:
@@ -44,13 +36,17 @@ class Demo:
         # retrain DAG keeps its schedule on the drift Asset. A deployment keeps them on.
         self.env["LLMOPS_REFERENCE_SCHEDULES"] = "off"
         self.url = f"http://127.0.0.1:{port}"
+        self.step = Step()  # what a failure report names
+        self.api: AirflowClient | None = None
+
+    def running(self, pid_file: Path | None = None) -> ProcessRecord | None:
+        """The process a pid file records, if it still runs (a plain pid of an older demo is read too)."""
+        record = ProcessRecord.read(pid_file or self.pid_file)
+        return record if record is not None and record.alive() else None
 
     def running_pid(self, pid_file: Path | None = None) -> int | None:
-        try:
-            pid = int((pid_file or self.pid_file).read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _pid_alive(pid) else None
+        record = self.running(pid_file)
+        return record.pid if record else None
 
     def ensure_mlflow(self) -> None:
         server = MLflowServer(self.mlflow_root, port=self.mlflow_port)
@@ -62,8 +58,8 @@ class Demo:
             raise SystemExit(f"port {self.mlflow_port} is taken; set LLMOPS_MLFLOW_PORT to a free port")
         print(f">> starting the MLflow tracking server (SQLite, {self.mlflow_root})")
         server.start()
-        assert server.process is not None
-        pid_file.write_text(str(server.process.pid))
+        assert server.process is not None and server.process.record is not None
+        server.process.record.write(pid_file)
 
     def ensure_airflow(self) -> None:
         self.ensure_mlflow()
@@ -77,7 +73,8 @@ class Demo:
         airflow = str(Path(sys.executable).with_name("airflow"))
         proc = ManagedProcess("airflow standalone", [airflow, "standalone"], self.log_path, env=self.env, cwd=self.root)
         proc.start()
-        self.pid_file.write_text(str(proc.pid))
+        assert proc.record is not None
+        proc.record.write(self.pid_file)
         client = AirflowClient(self.url, "admin", "")
         proc.wait_until(client.healthy, timeout=300, what="healthy api-server", interval=2)
 
@@ -89,23 +86,34 @@ class Demo:
             password = generated_admin_password(self.home)
         if password is None:
             raise SystemExit(f"no admin password generated in {self.home}; see {self.log_path}")
-        return AirflowClient(self.url, "admin", password)
+        self.api = AirflowClient(self.url, "admin", password)
+        return self.api
+
+    @property
+    def log_root(self) -> Path:
+        """``[logging] base_log_folder`` of the demo's Airflow: task logs, one file per try."""
+        return self.home / "logs"
 
     def run_pipeline(self, conf: dict[str, Any], *, drift: bool = True) -> int:
+        self.step.at("logging in to the Airflow REST API")
         client = self.client()
+        self.step.at(f"waiting for the DAG processor to parse {DAG_ID}", DAG_ID)
         client.wait_for_dag(DAG_ID, timeout=240)
         client.unpause(DAG_ID)
+        self.step.at(f"triggering {DAG_ID}", DAG_ID)
         run_id = client.trigger(DAG_ID, conf)
         print(f">> triggered {DAG_ID} run {run_id} through the REST API; following it")
+        self.step.at(f"following the {DAG_ID} run", DAG_ID, run_id)
         state = follow(client, DAG_ID, run_id, timeout=float(os.environ.get("LLMOPS_DEMO_TIMEOUT", "3600")))
         print(f">> run {run_id}: {state}")
         ok = state == "success"
         if ok:
+            self.step.at(f"reading what the {DAG_ID} run produced", DAG_ID, run_id)
             self.print_outputs(client, run_id)
             if drift:
                 ok = self.run_drift(client, run_id)
         else:
-            print(f"   see the task logs in the UI: {self.url}/dags/{DAG_ID}/runs")
+            print("\n".join(explain_run(client, DAG_ID, run_id, state, log_root=self.log_root)))
         self.print_access()
         return 0 if ok else 1
 
@@ -115,13 +123,15 @@ class Demo:
         from airflow_llmops.devstack.demo_drift import closed_loop
 
         if run_id is None:
+            self.step.at(f"looking for the newest successful {DAG_ID} run", DAG_ID)
             done = [r for r in client.runs(DAG_ID, limit=50) if r.get("state") == "success"]
             if not done:
                 print(f"no successful {DAG_ID} run yet: run ./scripts/demo first")
                 return False
             run_id = str(done[0]["dag_run_id"])
-        deployed = client.xcom(DAG_ID, run_id, "deploy")
-        prepared = client.xcom(DAG_ID, run_id, "prepare")
+        self.step.at(f"reading the endpoint the {DAG_ID} run deployed", DAG_ID, run_id)
+        deployed = client.xcom(DAG_ID, run_id, "deploy", missing_ok=True)
+        prepared = client.xcom(DAG_ID, run_id, "prepare", missing_ok=True)
         if not isinstance(deployed, dict) or not isinstance(prepared, dict):
             print(f"run {run_id} of {DAG_ID} deployed no endpoint")
             return False
@@ -131,19 +141,21 @@ class Demo:
             dataset_uri=str(prepared["dataset_uri"]),
             english=100,
             spanish=50,
+            step=self.step,
+            log_root=self.log_root,
         )
 
     def print_outputs(self, client: AirflowClient, run_id: str) -> None:
         print("\nWhat the run produced:")
-        plan = client.xcom(DAG_ID, run_id, "plan")
+        plan = client.xcom(DAG_ID, run_id, "plan", missing_ok=True)
         if isinstance(plan, dict):
             print(f"   run plan (validated specs)  {plan.get('plan_uri')}")
-        prepared = client.xcom(DAG_ID, run_id, "prepare")
+        prepared = client.xcom(DAG_ID, run_id, "prepare", missing_ok=True)
         if isinstance(prepared, dict):
             print(f"   prepared dataset            {prepared.get('dataset_uri')}")
             print(f"     rows per split            {json.dumps(prepared.get('rows'))}")
             print(f"     removed (with reasons)    {json.dumps(prepared.get('removed'))}")
-        validated = client.xcom(DAG_ID, run_id, "validate")
+        validated = client.xcom(DAG_ID, run_id, "validate", missing_ok=True)
         if isinstance(validated, dict):
             summary = validated.get("summary", {})
             print(f"   validated dataset           {validated.get('dataset_uri')}")
@@ -153,28 +165,28 @@ class Demo:
                 f"PII redacted {json.dumps(summary.get('pii_redacted'))}"
             )
             print(f"   validation report (GX)      {summary.get('report_url')}")
-        trained = client.xcom(DAG_ID, run_id, "train")
+        trained = client.xcom(DAG_ID, run_id, "train", missing_ok=True)
         if isinstance(trained, dict):
             metrics = trained.get("metrics", {})
             shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") or k == "tokens_per_s"}
             print(f"   trained model               {trained.get('model_uri')}")
             print(f"     metrics                   {json.dumps(shown)}")
             print(f"     MLflow run                {trained.get('mlflow_run_id')}")
-        quantized = client.xcom(DAG_ID, run_id, "quantize")
+        quantized = client.xcom(DAG_ID, run_id, "quantize", missing_ok=True)
         if isinstance(quantized, dict):
             print(
                 f"   quantized model             {quantized.get('chosen_model_uri')} ({quantized.get('chosen_method')})"
             )
             print(f"     gate                      {quantized.get('message')}")
-        evaluated = client.xcom(DAG_ID, run_id, "evaluate")
+        evaluated = client.xcom(DAG_ID, run_id, "evaluate", missing_ok=True)
         if isinstance(evaluated, dict):
             print(f"   evaluation report           {evaluated.get('report_uri')}")
             print(f"     gate                      {evaluated.get('message')}")
-        registered = client.xcom(DAG_ID, run_id, "register")
+        registered = client.xcom(DAG_ID, run_id, "register", missing_ok=True)
         if isinstance(registered, dict):
             print(f"   registered model            {registered.get('uri')}  ({self.mlflow_url}/#/models)")
-        deployed = client.xcom(DAG_ID, run_id, "deploy")
-        rolled = client.xcom(DAG_ID, run_id, "rollout")
+        deployed = client.xcom(DAG_ID, run_id, "deploy", missing_ok=True)
+        rolled = client.xcom(DAG_ID, run_id, "rollout", missing_ok=True)
         if isinstance(deployed, dict):
             url = deployed.get("url")
             print(f"   endpoint                    {url}  (variant {deployed.get('variant')}; OpenAPI: {url}/docs)")
@@ -202,24 +214,48 @@ class Demo:
             ("airflow standalone", self.pid_file),
             ("mlflow server", self.mlflow_root / "server.pid"),
         ):
-            pid = self.running_pid(pid_file)
-            if pid is not None:
-                stop_process_group(pid)
-                print(f"stopped {name} (pid {pid})")
+            record = self.running(pid_file)
+            if record is not None and record.stop():
+                print(f"stopped {name} (pid {record.pid})")
                 stopped = True
             pid_file.unlink(missing_ok=True)
-        from airflow_llmops.platforms.local_serving import LocalEndpoints
+        from airflow_llmops.platforms import get_platform
 
         endpoints_root = self.home / "llmops" / "endpoints"
-        for folder in sorted(endpoints_root.glob("*/server.json")):
-            record = json.loads(folder.read_text())
-            if _pid_alive(int(record["pid"])):
-                LocalEndpoints(endpoints_root).stop_server(folder.parent.name)
-                print(f"stopped endpoint {folder.parent.name} (pid {record['pid']})")
+        for server_file in sorted(endpoints_root.glob("*/server.json")):
+            server = ProcessRecord.read(server_file)
+            if server is not None and server.alive():
+                get_platform("local", endpoints_root=str(endpoints_root)).stop_endpoint(server_file.parent.name)
+                print(f"stopped endpoint {server_file.parent.name} (pid {server.pid})")
                 stopped = True
         if not stopped:
             print("nothing to stop: no airflow standalone or MLflow server started by the demo is running")
         return 0
+
+
+def _debug() -> bool:
+    return os.environ.get("LLMOPS_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def report_failure(demo: Demo, err: BaseException) -> None:
+    """What failed, on which DAG run and task, and where the logs are; no Python traceback (``LLMOPS_DEBUG=1``
+    shows one)."""
+    step = demo.step
+    out = sys.stderr
+    print(f"\n!! the demo failed while {step.what}: {type(err).__name__}: {err}", file=out)
+    if step.dag_id and step.run_id and demo.api is not None:
+        try:
+            lines = explain_run(demo.api, step.dag_id, step.run_id, "not finished", log_root=demo.log_root)
+        except Exception as again:  # the report must not fail in turn
+            lines = [f"   ({step.dag_id} run {step.run_id}: its tasks could not be read: {again})"]
+        print("\n".join(lines), file=out)
+    elif step.dag_id:
+        print(f"   DAG                       {step.dag_id}  ({demo.url}/dags/{step.dag_id})", file=out)
+    print(f"   Airflow log               {demo.log_path}", file=out)
+    print(f"   task logs                 {demo.log_root}/dag_id=<dag>/run_id=<run>/task_id=<task>/", file=out)
+    if step.what.startswith("starting"):
+        print(f"   last lines of the Airflow log:\n{tail(demo.log_path)}", file=out)
+    print("   LLMOPS_DEBUG=1 ./scripts/demo ... shows the Python traceback", file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,17 +272,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("LLMOPS_AIRFLOW_PORT", "8080")))
     parser.add_argument("--conf", default="{}", help="JSON conf (Params) for the triggered run")
     args = parser.parse_args(argv)
-    demo = Demo(args.root.resolve(), args.port)
-    if args.action == "stop":
-        return demo.stop()
     try:
-        demo.ensure_airflow()
-    except (RuntimeError, TimeoutError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        print(tail(demo.log_path), file=sys.stderr)
+        conf = json.loads(args.conf)
+    except ValueError as err:
+        parser.error(f"--conf is not JSON: {err}")
+    if not isinstance(conf, dict):
+        parser.error("--conf must be a JSON object")
+    try:
+        demo = Demo(args.root.resolve(), args.port)
+    except ValueError as err:  # e.g. LLMOPS_MLFLOW_PORT is not a number
+        parser.error(str(err))
+    try:
+        return _run(demo, args.action, conf, drift=not args.no_drift)
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        print(f"\ninterrupted while {demo.step.what}; Airflow keeps running (./scripts/demo stop)", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if _debug():
+            raise
+        report_failure(demo, err)
         return 1
-    if args.action == "drift":
+
+
+def _run(demo: Demo, action: str, conf: dict[str, Any], *, drift: bool) -> int:
+    if action == "stop":
+        demo.step.at("stopping the demo's processes")
+        return demo.stop()
+    demo.step.at("starting MLflow and airflow standalone")
+    demo.ensure_airflow()
+    if action == "drift":
+        demo.step.at("logging in to the Airflow REST API")
         ok = demo.run_drift(demo.client(), None)
         demo.print_access()
         return 0 if ok else 1
-    return demo.run_pipeline(json.loads(args.conf), drift=not args.no_drift)
+    return demo.run_pipeline(conf, drift=drift)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import DAGS, require_service
@@ -46,13 +47,39 @@ def redis_url():
     client.flushdb()
 
 
+def _celery_workers(broker_url: str, node: str, queue: str) -> tuple[list[str], dict[str, Any], list[str]]:
+    """What Celery itself reports (remote control over the broker): the queues worker ``node`` consumes, its
+    stats (``total``: tasks executed, by name), and every worker on the broker that consumes ``queue``."""
+    from celery import Celery
+
+    app = Celery("llmops-e2e-inspect", broker=broker_url)
+    try:
+        ours = app.control.inspect(destination=[node], timeout=15)  # returns once the one node has answered
+        queues = [q["name"] for q in (ours.active_queues() or {}).get(node) or []]
+        stats = (ours.stats() or {}).get(node) or {}
+        everyone = app.control.inspect(timeout=3).active_queues() or {}  # all workers: waits the 3 s
+    finally:
+        app.close()
+    consumers = sorted(n for n, qs in everyone.items() if any(q["name"] == queue for q in qs))
+    return queues, stats, consumers
+
+
 def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str, redis_url: str):
+    from airflow.sdk.api.client import get_hostname
+
     from airflow_llmops.devstack.cluster import AirflowCluster
     from airflow_llmops.devstack.mlflow_server import MLflowServer
-    from airflow_llmops.platforms.local_serving import LocalEndpoints
+    from airflow_llmops.platforms import get_platform
 
     mlflow_server = MLflowServer(tmp_path / "mlflow").start()
 
+    # A queue of this test's own, served by one worker with a name of its own: a task instance whose queue is that
+    # queue and whose hostname is the worker's host went through that worker (and Celery counts what it ran).
+    tag = uuid.uuid4().hex[:8]
+    queue = f"llmops-e2e-{tag}"
+    host = get_hostname()  # what the task runner records as a task instance's hostname ([core] hostname_callable)
+    node = f"llmops-e2e-{tag}@{host}"
+    worker = f"celery worker --queues {queue} --celery-hostname {node}"
     result_backend = "db+" + postgres_db.replace("+psycopg2", "")
     env = {
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres_db,
@@ -60,16 +87,17 @@ def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str
         "AIRFLOW__CELERY__BROKER_URL": redis_url,
         "AIRFLOW__CELERY__RESULT_BACKEND": result_backend,
         "AIRFLOW__CELERY__WORKER_CONCURRENCY": "2",
+        "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,  # every task of the DAG goes to it
         "AIRFLOW__LLMOPS__ARTIFACT_ROOT": str(tmp_path / "artifacts"),
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",  # only the run the test triggers
         "AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI": mlflow_server.url,
         "AIRFLOW__LLMOPS__LOCAL_ENDPOINTS_ROOT": str(tmp_path / "endpoints"),
     }
     # The triggerer walks the deferred rollout.
-    components = ("api-server", "scheduler", "dag-processor", "triggerer", "celery worker")
+    components = ("api-server", "scheduler", "dag-processor", "triggerer", worker)
     with (
         AirflowCluster(tmp_path / "home", DAGS, extra_env=env, components=components) as cluster,
-        _stopped(mlflow_server, LocalEndpoints(tmp_path / "endpoints")),
+        _stopped(mlflow_server, get_platform("local", endpoints_root=str(tmp_path / "endpoints"))),
     ):
         client = cluster.client
         client.wait_for_dag("llmops_local", timeout=240)
@@ -79,12 +107,28 @@ def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str
         state = client.wait_for_run("llmops_local", run_id, timeout=900, check=cluster.assert_alive)
         cluster.assert_alive()
         tis = {ti["task_id"]: ti for ti in client.task_instances("llmops_local", run_id)}
-        worker_log = cluster.log("celery worker").read_text(errors="replace")
+        worker_log = cluster.log(worker).read_text(errors="replace")
         assert state == "success", (tis, worker_log[-3000:])
         assert tis["plan"]["state"] == "success"
         assert tis["plan"]["executor"] in (None, "CeleryExecutor")
-        # The Celery worker, not some other executor, ran the task.
-        assert "execute_workload" in worker_log or "airflow.providers.celery" in worker_log, worker_log[-2000:]
+
+        # The Celery worker, not some other executor, ran every task: Celery says the worker serves exactly our
+        # queue (and no other worker on this broker does) and has executed at least one workload per task
+        # instance; each task instance, read through the REST API, was queued on that queue and ran on that host.
+        queues, stats, consumers = _celery_workers(redis_url, node, queue)
+        assert queues == [queue], (node, queues)
+        assert consumers == [node], consumers
+        ran = [ti for ti in tis.values() if ti["state"] == "success"]
+        assert {ti["task_id"] for ti in ran} == set(tis), {t: ti["state"] for t, ti in tis.items()}
+        executed = (stats.get("total") or {}).get("execute_workload", 0)
+        assert executed >= len(ran), (executed, stats.get("total"), len(ran))
+        wrong = {
+            ti["task_id"]: (ti.get("queue"), ti.get("hostname"))
+            for ti in ran
+            if ti.get("queue") != queue or ti.get("hostname") != node.split("@", 1)[1]
+        }
+        assert not wrong, f"task instances not run by the Celery worker {node} on queue {queue}: {wrong}"
+
         plan = client.xcom("llmops_local", run_id, "plan")
         assert plan["specs"]["rollout"]["strategy"] == "blue_green"
         assert plan["specs"]["training"]["max_steps"] == 20
@@ -109,5 +153,5 @@ class _stopped:
         return None
 
     def __exit__(self, *exc: object) -> None:
-        self.endpoints.stop_server("chatterbot-topics")
+        self.endpoints.stop_endpoint("chatterbot-topics")
         self.server.stop()
