@@ -62,7 +62,19 @@ with DAG(
         """The reference dataset: the Param, else the latest prepared dataset's URI."""
         if params and params.get("reference_uri"):
             return str(params["reference_uri"])
-        events = inlet_events[dataset_asset(DATASET)]
+        import time
+
+        for attempt in range(6):
+            try:
+                events = list(inlet_events[dataset_asset(DATASET)])  # fetched here
+                break
+            except Exception as err:  # Airflow 3.3.2 answers 500 while a run created by these events is queued
+                if attempt == 5:
+                    raise RuntimeError(
+                        f"cannot read the events of x-llmops://datasets/{DATASET} ({err}); a DAG run they created "
+                        "may still be queued (apache/airflow#71360): retry, or set the Param reference_uri"
+                    ) from None
+                time.sleep(5 * (attempt + 1))
         if not events:
             raise ValueError(
                 f"no prepared dataset yet: run llmops_local (it publishes x-llmops://datasets/{DATASET}) "

@@ -12,7 +12,7 @@ from airflow.sdk import conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_llmops.links.mlflow import MLflowRunLink, mlflow_run_url
-from airflow_llmops.operators.base import LLMOpsBaseOperator, airflow_home
+from airflow_llmops.operators.base import LLMOpsBaseOperator, airflow_home, is_remote
 from airflow_llmops.platforms.base import JobHandle, JobState, JobStatus
 from airflow_llmops.specs import SpecValidationError, TrainingSpec
 
@@ -90,11 +90,14 @@ class TrainModelOperator(LLMOpsBaseOperator):
             spec = TrainingSpec.parse(self.spec or {})
         except SpecValidationError as err:
             raise AirflowFailException(str(err)) from None
-        if self.dataset_uri:
-            spec = spec.model_copy(update={"dataset_uri": str(self.dataset_uri).removeprefix("file://")})
-        if not spec.dataset_uri:
+        dataset = str(self.dataset_uri or spec.dataset_uri or "")
+        if not dataset:
             raise AirflowFailException(f"{self.task_id}: no dataset; set dataset_uri or spec.dataset_uri")
-        return spec
+        if is_remote(dataset) and self.platform == "local":
+            # torchrun's processes read a local folder and hold no cloud credentials: stage the dataset on this
+            # machine through the artifact connection (a retry that restarts the job stages it again).
+            dataset = str(self.stage_in(dataset, "dataset"))
+        return spec.model_copy(update={"dataset_uri": dataset.removeprefix("file://")})
 
     def platform_kwargs(self) -> dict[str, Any]:
         if self.check_platform() != "local":
@@ -119,6 +122,11 @@ class TrainModelOperator(LLMOpsBaseOperator):
         self._handle = handle
         context["ti"].xcom_push(key="job", value=handle.to_dict())
         self.log.info("Training job %s on %s (%s)", handle.job_name, platform.name, handle.extra or handle.job_id)
+        # A job that already ended (a retry re-attaching to a finished job) needs no trigger: one that fires at once
+        # races the scheduler (apache/airflow#71580).
+        current = platform.get_training_status(handle)
+        if current.state.is_terminal:
+            return self._finish(context, platform, handle, current)
         if self.deferrable:
             from airflow_llmops.triggers.training import TrainingJobTrigger
 

@@ -331,7 +331,10 @@ class LocalEndpoints:
         handle = EndpointHandle(self.name, endpoint_name, url=str(server["url"]))
         with self.client(handle) as client:
             if record.in_progress and record.previous:
-                client.set_fallback({**record.previous, record.variant: 0.0})
+                # The new variant at 0 when the server has it (weights are relative: others keep theirs).
+                loaded = {v["name"] for v in client.variants()}
+                extra = {record.variant: 0.0} if record.variant in loaded else {}
+                client.set_fallback({**record.previous, **extra})
             else:
                 client.clear_fallback()
 

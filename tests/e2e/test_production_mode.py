@@ -92,8 +92,9 @@ def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",  # only the run the test triggers
         "AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI": mlflow_server.url,
         "AIRFLOW__LLMOPS__LOCAL_ENDPOINTS_ROOT": str(tmp_path / "endpoints"),
+        # Training waits in the triggerer (the first model's rollout has nothing to wait for, so it does not defer).
+        "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
     }
-    # The triggerer walks the deferred rollout.
     components = ("api-server", "scheduler", "dag-processor", "triggerer", worker)
     with (
         AirflowCluster(tmp_path / "home", DAGS, extra_env=env, components=components) as cluster,
@@ -104,7 +105,14 @@ def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str
         client.unpause("llmops_local")
         conf = {"rollout_strategy": "blue_green", "max_steps": 20, "quantization_methods": ["torch_dynamic_int8"]}
         run_id = client.trigger("llmops_local", conf)
-        state = client.wait_for_run("llmops_local", run_id, timeout=900, check=cluster.assert_alive)
+        seen: dict[str, set[str]] = {}
+
+        def watch() -> None:  # every state each task instance is seen in while the run goes on
+            cluster.assert_alive()
+            for ti in client.task_instances("llmops_local", run_id):
+                seen.setdefault(ti["task_id"], set()).add(str(ti["state"]))
+
+        state = client.wait_for_run("llmops_local", run_id, timeout=900, poll=1.0, check=watch)
         cluster.assert_alive()
         tis = {ti["task_id"]: ti for ti in client.task_instances("llmops_local", run_id)}
         worker_log = cluster.log(worker).read_text(errors="replace")
@@ -132,6 +140,7 @@ def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str
         plan = client.xcom("llmops_local", run_id, "plan")
         assert plan["specs"]["rollout"]["strategy"] == "blue_green"
         assert plan["specs"]["training"]["max_steps"] == 20
+        assert "deferred" in seen["train"], seen  # the training job was waited for by the triggerer
         trained = client.xcom("llmops_local", run_id, "train")
         assert trained["metrics"]["train_tokens"] > 0 and Path(trained["model_uri"]).is_dir()
         assert Path(plan["plan_uri"].removeprefix("file://")).is_file()
