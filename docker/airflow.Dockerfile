@@ -38,4 +38,8 @@ RUN --mount=type=cache,target=/tmp/llmops-uv-cache,uid=50000 \
 
 COPY --chown=airflow:0 dags/ /opt/airflow/dags/
 
+# Mount point of the compose stack's llmops-shared volume (the local platform's jobs and endpoints): created here
+# by the airflow user, so Docker gives a new volume this owner instead of root.
+RUN mkdir -p /opt/airflow/shared/jobs /opt/airflow/shared/endpoints
+
 WORKDIR /opt/airflow

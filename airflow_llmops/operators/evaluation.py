@@ -11,8 +11,9 @@ from airflow.sdk.bases.branch import BranchMixIn
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_llmops.links.artifacts import EvaluationReportLink
-from airflow_llmops.operators.base import LLMOpsBaseOperator
+from airflow_llmops.operators.base import LLMOpsBaseOperator, is_remote
 from airflow_llmops.operators.training import default_mlflow_tracking_uri
+from airflow_llmops.uris import display_uri
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -125,8 +126,10 @@ class EvaluateModelOperator(LLMOpsBaseOperator, BranchMixIn):
         from airflow_llmops.ml.evaluation import EvaluationInputError, evaluate_model
         from airflow_llmops.ml.registry import RegistryError, download_model
 
+        # A folder on a remote artifact store is staged through the connection; registry URIs go through MLflow.
+        source = str(self.stage_in(model_uri, "model")) if is_remote(model_uri) else model_uri
         try:
-            folder = download_model(model_uri, workdir, tracking_uri=self._tracking() or None)
+            folder = download_model(source, workdir, tracking_uri=self._tracking() or None)
             result = evaluate_model(folder, dataset, split=self.split, max_rows=self.max_rows)
         except (EvaluationInputError, RegistryError, OSError) as err:
             raise AirflowFailException(f"{self.task_id}: cannot evaluate {model_uri}: {err}") from None
@@ -156,7 +159,7 @@ class EvaluateModelOperator(LLMOpsBaseOperator, BranchMixIn):
     def execute(self, context: Context) -> Any:
         from airflow_llmops.ml import evaluation_report
 
-        dataset = str(self.dataset_uri).removeprefix("file://")
+        dataset = str(self.stage_in(str(self.dataset_uri), "dataset"))
         with tempfile.TemporaryDirectory(prefix="llmops-eval-") as work:
             challenger = self._score(str(self.model_uri), dataset, f"{work}/challenger")
             champion_uri = self._champion()
@@ -191,7 +194,7 @@ class EvaluateModelOperator(LLMOpsBaseOperator, BranchMixIn):
                 context={"split": self.split, "dataset": str(self.dataset_uri), "metric": metric},
             )
         )
-        EvaluationReportLink().persist(context, str(report))
+        EvaluationReportLink().persist(context, display_uri(report))
         self.log.info("%s", message)
         result = {
             **decision,
@@ -199,7 +202,7 @@ class EvaluateModelOperator(LLMOpsBaseOperator, BranchMixIn):
             "champion": champion["metrics"] if champion else None,
             "champion_uri": champion_uri,
             "model_uri": str(self.model_uri),
-            "report_uri": str(report),
+            "report_uri": display_uri(report),
         }
         context["ti"].xcom_push(key="evaluation", value=result)
         if self.fail_branch is not None:

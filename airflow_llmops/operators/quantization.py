@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import tempfile
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_llmops.links.artifacts import QuantizationReportLink
-from airflow_llmops.operators.base import LLMOpsBaseOperator, local_folder, upload_tree
+from airflow_llmops.operators.base import LLMOpsBaseOperator, is_remote, local_folder, staged_output
 from airflow_llmops.operators.training import default_mlflow_tracking_uri
 from airflow_llmops.specs import QuantizationSpec, SpecValidationError
+from airflow_llmops.uris import display_uri
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -72,22 +73,25 @@ class QuantizeModelOperator(LLMOpsBaseOperator):
         from airflow_llmops.ml.quantization import QuantizationInputError, compare, format_table
 
         target = self.run_folder(context) / "quantized" / self.task_id
-        local = local_folder(target)
-        staging = None if local is not None else tempfile.mkdtemp(prefix="llmops-quantize-")
-        out_root = local if local is not None else Path(str(staging))
-        try:
-            report = compare(str(self.model_uri), str(self.dataset_uri).removeprefix("file://"), spec, out_root)
-        except QuantizationInputError as err:
-            raise AirflowFailException(f"{self.task_id}: {err}") from None
-        if staging is not None:
-            upload_tree(Path(staging), target)
+        # The model and the dataset may be on a remote artifact store: the ML core reads local copies, staged
+        # through the connection, and the artifacts go back to the store the same way.
+        model_dir = self.stage_in(str(self.model_uri), "model")
+        dataset_dir = self.stage_in(str(self.dataset_uri), "dataset")
+        with staged_output(target, prefix="llmops-quantize-") as out_root:
+            try:
+                report = compare(model_dir, dataset_dir, spec, out_root)
+            except QuantizationInputError as err:
+                raise AirflowFailException(f"{self.task_id}: {err}") from None
+            if is_remote(str(self.model_uri)):
+                _record_source(report, str(self.model_uri))
+        uploaded = local_folder(target) is None
         table = format_table(report.rows)
         self.log.info(
             "Quantization on %d %s rows (%d threads):\n%s", report.eval_rows, report.split, report.threads, table
         )
         self.log.info("%s", report.decision.message)
         run_id = self._log_to_mlflow(context, report, table)
-        QuantizationReportLink().persist(context, str(target / "comparison.json"))
+        QuantizationReportLink().persist(context, display_uri(target / "comparison.json"))
         decision = report.decision
         chosen = report.row(decision.chosen) if decision.chosen else None
         chosen_uri = None
@@ -97,14 +101,14 @@ class QuantizeModelOperator(LLMOpsBaseOperator):
             self.log.warning("No method passed the gate; handing on the full-precision model %s", self.model_uri)
             chosen_uri = str(self.model_uri)
         elif chosen.artifact:
-            chosen_uri = str(target / chosen.method) if staging is not None else chosen.artifact
+            chosen_uri = display_uri(target / chosen.method) if uploaded else chosen.artifact
         return {
             "passed": decision.passed,
             "chosen_method": decision.chosen if chosen_uri != str(self.model_uri) else "none",
             "chosen_model_uri": chosen_uri,
             "message": decision.message,
             "source_model_uri": str(self.model_uri),
-            "report_uri": str(target / "comparison.json"),
+            "report_uri": display_uri(target / "comparison.json"),
             "mlflow_run_id": run_id,
             "methods": {
                 row.method: {
@@ -157,3 +161,14 @@ class QuantizeModelOperator(LLMOpsBaseOperator):
         client.log_dict(run_id, report.to_dict(), "comparison.json")
         client.set_terminated(run_id, status="FINISHED" if report.decision.passed else "FAILED")
         return run_id
+
+
+def _record_source(report: Any, model_uri: str) -> None:
+    """Each artifact's ``quantization.json`` names the model it was made from: the URI the task was given, not the
+    local copy it read (the registry tags the version with it)."""
+    for row in report.rows:
+        meta = Path(row.artifact) / "quantization.json" if row.artifact else None
+        if meta is not None and meta.is_file():
+            data = json.loads(meta.read_text(encoding="utf-8"))
+            data["source_model"] = display_uri(model_uri)
+            meta.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

@@ -11,8 +11,9 @@ from airflow.sdk import Asset
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_llmops.links.mlflow import RegisteredModelLink, mlflow_model_version_url
-from airflow_llmops.operators.base import LLMOpsBaseOperator
+from airflow_llmops.operators.base import LLMOpsBaseOperator, as_storage_path, is_remote
 from airflow_llmops.operators.training import default_mlflow_tracking_uri
+from airflow_llmops.uris import display_uri
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -91,24 +92,26 @@ class RegisterModelOperator(_RegistryOperator):
         self.tags = dict(tags or {})
         self.experiment = experiment
 
-    def _version_tags(self, context: Context) -> dict[str, str]:
+    def _version_tags(self, context: Context, folder: Path) -> dict[str, str]:
         tags = {
             "llmops.run_key": self.job_name(context),
             "llmops.dag_run": f"{context['dag'].dag_id}/{context['run_id']}",
             "llmops.quantization": str(self.quantization_method or "none"),
         }
-        folder = Path(str(self.model_uri).removeprefix("file://"))
         quant = folder / "quantization.json"
         if quant.is_file():
             meta = json.loads(quant.read_text())
             tags["llmops.quantization"] = str(meta.get("method", tags["llmops.quantization"]))
             tags["llmops.source_model"] = str(meta.get("source_model", ""))
         if self.dataset_uri:
-            manifest = Path(str(self.dataset_uri).removeprefix("file://")) / "manifest.json"
+            # One small file: read where it is, through the artifact connection when the store is remote.
+            manifest = as_storage_path(str(self.dataset_uri), self.artifact_connection()) / "manifest.json"
             try:
                 data = json.loads(manifest.read_text())
             except (OSError, ValueError) as err:
-                raise AirflowFailException(f"{self.task_id}: cannot read the data manifest {manifest}: {err}") from None
+                raise AirflowFailException(
+                    f"{self.task_id}: cannot read the data manifest {display_uri(manifest)}: {err}"
+                ) from None
             tags["llmops.data_manifest_hash"] = str(data.get("content_hash", ""))
             tags["llmops.dataset"] = str(self.dataset_uri)
         return {**tags, **{str(k): str(v) for k, v in self.tags.items()}}
@@ -118,7 +121,10 @@ class RegisterModelOperator(_RegistryOperator):
 
         tracking = self.tracking()
         name = self.registered_model_name
-        tags = self._version_tags(context)
+        # MLflow logs a local folder: a model on a remote artifact store is staged through the connection first.
+        uri = str(self.model_uri)
+        folder = self.stage_in(uri, "model") if is_remote(uri) else Path(uri.removeprefix("file://"))
+        tags = self._version_tags(context, folder)
         existing = self._registered_by_this_task(tracking, name, tags["llmops.run_key"])
         try:
             if existing is not None:
@@ -128,7 +134,7 @@ class RegisterModelOperator(_RegistryOperator):
                     registry.move_alias(name, self.alias, version.version, tracking_uri=tracking, reason="registered")
             else:
                 version = registry.register_model(
-                    str(self.model_uri),
+                    folder,
                     name,
                     tracking_uri=tracking,
                     experiment=self.experiment,

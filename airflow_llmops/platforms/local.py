@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,17 +60,35 @@ def terminate_job(job_dir: Path, *, grace: float = 15.0, sig: int = signal.SIGTE
     return len(procs)
 
 
-def launcher_alive(launcher: dict[str, Any] | None) -> bool:
+#: A job launched on another host (another container) is judged by its files: one that wrote nothing for this
+#: long is taken for dead.
+HEARTBEAT_STALE_S = 300.0
+
+
+def launcher_alive(launcher: dict[str, Any] | None, job_dir: Path | None = None) -> bool:
     """Whether the launcher a ``launcher.json`` names still runs (not merely its pid: pids are reused).
 
     Records written before the create time was kept are judged by their ``started_at``
-    (see :class:`~airflow_llmops.processes.ProcessRecord`)."""
+    (see :class:`~airflow_llmops.processes.ProcessRecord`). A launcher on another host (the worker's container,
+    asked from the triggerer's) cannot be seen: it is alive while the job's files keep changing."""
     if not launcher:
         return False
     try:
-        return ProcessRecord.from_dict(launcher).alive()
+        record = ProcessRecord.from_dict(launcher)
     except ValueError:
         return False
+    if record.host is not None and record.host != socket.gethostname() and job_dir is not None:
+        return time.time() - _last_write(job_dir) < HEARTBEAT_STALE_S
+    return record.alive()
+
+
+def _last_write(job_dir: Path) -> float:
+    """When the job last wrote its log, progress or checkpoints (the launcher's log gets torchrun's output)."""
+    newest = 0.0
+    for name in (PID_FILE, "launcher.log", "progress.jsonl", "checkpoints"):
+        with contextlib.suppress(OSError):
+            newest = max(newest, (job_dir / name).stat().st_mtime)
+    return newest
 
 
 def last_progress(job_dir: Path) -> dict[str, Any] | None:
@@ -159,7 +178,7 @@ class LocalPlatform:
         job_dir = self.job_dir(job_name)
         launcher = self._launcher(job_dir)
         status = read_json_object(job_dir / "status.json")
-        if launcher and (launcher_alive(launcher) or (status and status.get("state") == "succeeded")):
+        if launcher and (launcher_alive(launcher, job_dir) or (status and status.get("state") == "succeeded")):
             return self._handle(job_name, launcher)
         # Workers of a crashed attempt may outlive their launcher and would race the new attempt for the
         # checkpoint folder: they go first.
@@ -212,7 +231,7 @@ class LocalPlatform:
         if status and status.get("state") == "cancelled":
             return JobStatus(state=JobState.CANCELLED, message=str(status.get("message", "cancelled")))
         launcher = self._launcher(job_dir)
-        if launcher_alive(launcher):
+        if launcher_alive(launcher, job_dir):
             metrics = {k: float(progress[k]) for k in ("loss", "tokens_per_s", "eta_s") if progress and progress.get(k)}
             return JobStatus(state=JobState.RUNNING, progress=fraction, metrics=metrics)
         if launcher is None:

@@ -81,6 +81,10 @@ def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str
     node = f"llmops-e2e-{tag}@{host}"
     worker = f"celery worker --queues {queue} --celery-hostname {node}"
     result_backend = "db+" + postgres_db.replace("+psycopg2", "")
+    # Each component runs in a folder of its own (AIRFLOW_HOME, HOME, working directory), as in containers. They
+    # share what a compose stack shares: the database, the broker, the DAGs folder, MLflow, the task logs, the
+    # artifact root (an object store there) and one volume for the local platform's training jobs and endpoints.
+    shared = tmp_path / "shared"
     env = {
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres_db,
         "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
@@ -91,14 +95,15 @@ def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str
         "AIRFLOW__LLMOPS__ARTIFACT_ROOT": str(tmp_path / "artifacts"),
         "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",  # only the run the test triggers
         "AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI": mlflow_server.url,
-        "AIRFLOW__LLMOPS__LOCAL_ENDPOINTS_ROOT": str(tmp_path / "endpoints"),
+        "AIRFLOW__LLMOPS__LOCAL_JOBS_ROOT": str(shared / "jobs"),
+        "AIRFLOW__LLMOPS__LOCAL_ENDPOINTS_ROOT": str(shared / "endpoints"),
         # Training waits in the triggerer (the first model's rollout has nothing to wait for, so it does not defer).
         "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
     }
     components = ("api-server", "scheduler", "dag-processor", "triggerer", worker)
     with (
-        AirflowCluster(tmp_path / "home", DAGS, extra_env=env, components=components) as cluster,
-        _stopped(mlflow_server, get_platform("local", endpoints_root=str(tmp_path / "endpoints"))),
+        AirflowCluster(tmp_path / "home", DAGS, extra_env=env, components=components, separate_homes=True) as cluster,
+        _stopped(mlflow_server, get_platform("local", endpoints_root=str(shared / "endpoints"))),
     ):
         client = cluster.client
         client.wait_for_dag("llmops_local", timeout=240)
@@ -143,6 +148,13 @@ def test_local_dag_runs_on_celery_with_postgres(tmp_path: Path, postgres_db: str
         assert "deferred" in seen["train"], seen  # the training job was waited for by the triggerer
         trained = client.xcom("llmops_local", run_id, "train")
         assert trained["metrics"]["train_tokens"] > 0 and Path(trained["model_uri"]).is_dir()
+        # The job and the endpoint are in the shared folder; no component kept local platform state in its own home.
+        assert Path(trained["model_uri"]).is_relative_to(shared / "jobs"), trained["model_uri"]
+        assert (shared / "endpoints" / "chatterbot-topics" / "admin-token").is_file()
+        homes = {cluster.component_home(component) for component in components}
+        assert len(homes) == len(components) and all(home.is_dir() for home in homes), homes
+        private = sorted(str(p) for home in homes for p in home.glob("llmops/*/*"))
+        assert not private, private
         assert Path(plan["plan_uri"].removeprefix("file://")).is_file()
         assert tis["train"]["state"] == "success" and tis["validate"]["state"] == "success"
         assert os.path.commonpath([plan["plan_uri"].removeprefix("file://"), str(tmp_path)]) == str(tmp_path)

@@ -144,6 +144,25 @@ def _env(service: dict) -> dict[str, str]:
     return {key: "" if value is None else str(value) for key, value in env.items()}
 
 
+def _mounts(service: dict) -> dict[str, str]:
+    """{container path: source} of a service's volumes, for the short (``src:dst[:mode]``) and long forms."""
+    mounts = {}
+    for volume in service.get("volumes") or []:
+        if isinstance(volume, dict):
+            mounts[str(volume["target"]).rstrip("/")] = str(volume.get("source", ""))
+        else:
+            source, _, rest = str(volume).partition(":")
+            mounts[rest.split(":")[0].rstrip("/")] = source
+    return mounts
+
+
+def _networks(service: dict) -> set[str]:
+    networks = service.get("networks")
+    if networks is None:
+        return {"default"}
+    return set(networks) if isinstance(networks, (list, dict)) else {str(networks)}
+
+
 def _created_buckets(services: dict[str, dict]) -> set[str]:
     """Buckets the one-shot createbuckets service makes (`mc mb [--flags] ALIAS/BUCKET`)."""
     script = _with_defaults(str(services["createbuckets"]["command"]))
@@ -235,6 +254,71 @@ def test_artifacts_go_to_minio_through_the_connection(compose: dict, services: d
     assert endpoint.port == 9000
     # The bucket of the artifact root exists: createbuckets makes it.
     assert urlsplit(env["AIRFLOW__LLMOPS__ARTIFACT_ROOT"]).hostname in _created_buckets(services)
+
+
+# The local platform's components in separate containers: what the worker writes, the triggerer, scheduler and API
+# server read at the same path; the triggerer reaches the worker's model servers over the compose network.
+LOCAL_PLATFORM_SHARERS = ("airflow-worker", "airflow-triggerer", "airflow-scheduler", "airflow-apiserver")
+
+
+def _shared_mount(services: dict[str, dict], compose: dict, path: str) -> tuple[str, str]:
+    """(mount point, named volume) holding ``path`` in every local-platform service, the same in each."""
+    found = set()
+    for name in LOCAL_PLATFORM_SHARERS:
+        mounts = _mounts(services[name])
+        holding = [target for target in mounts if path == target or path.startswith(target + "/")]
+        assert holding, f"{name} does not mount a volume holding {path}"
+        target = max(holding, key=len)
+        found.add((target, mounts[target]))
+    assert len(found) == 1, f"{path} comes from different mounts: {sorted(found)}"
+    target, volume = found.pop()
+    assert volume in (compose.get("volumes") or {}), f"{volume} is not a named volume of the stack"
+    return target, volume
+
+
+def test_local_jobs_and_endpoints_are_on_a_volume_every_component_shares(
+    compose: dict, services: dict[str, dict]
+) -> None:
+    roots = {}
+    for key in ("AIRFLOW__LLMOPS__LOCAL_JOBS_ROOT", "AIRFLOW__LLMOPS__LOCAL_ENDPOINTS_ROOT"):
+        values = {_env(services[name]).get(key) for name in LOCAL_PLATFORM_SHARERS}
+        assert len(values) == 1, f"{key} differs between services: {values}"
+        (value,) = values
+        assert value and value.startswith("/"), f"{key} must be an absolute path, not {value!r}"
+        roots[key] = value
+    mounts = {_shared_mount(services, compose, root) for root in roots.values()}
+    assert len(mounts) == 1, mounts
+    assert len(set(roots.values())) == 2, "jobs and endpoints need folders of their own"
+
+
+def test_the_image_creates_the_shared_mount_point_as_the_airflow_user(compose: dict, services: dict[str, dict]) -> None:
+    """A new named volume takes the owner of the image's folder at its mount point: root where the image has none,
+    and then the airflow user could not write its jobs and endpoints."""
+    target, _ = _shared_mount(services, compose, _env(services["airflow-worker"])["AIRFLOW__LLMOPS__LOCAL_JOBS_ROOT"])
+    user = "root"
+    created_by = None
+    for keyword, args in _instructions(AIRFLOW_DOCKERFILE):
+        if keyword == "USER":
+            user = args
+        if keyword == "RUN" and "mkdir" in args:
+            for token in shlex.split(args):
+                if token.rstrip("/") == target or token.startswith(target + "/"):
+                    created_by = user
+    assert created_by == "airflow", f"airflow.Dockerfile must create {target} as the airflow user (got {created_by})"
+
+
+def test_endpoints_bind_every_interface_and_advertise_the_worker(services: dict[str, dict]) -> None:
+    for name in LOCAL_PLATFORM_SHARERS:
+        env = _env(services[name])
+        assert env.get("AIRFLOW__LLMOPS__LOCAL_ENDPOINTS_HOST") == "0.0.0.0", name
+        # Deploy tasks run on the worker, so its servers live there; the name resolves on the compose network.
+        assert env.get("AIRFLOW__LLMOPS__LOCAL_ENDPOINTS_ADVERTISE_HOST") == "airflow-worker", name
+    worker, triggerer = services["airflow-worker"], services["airflow-triggerer"]
+    assert _networks(worker) & _networks(triggerer), "the triggerer cannot reach the worker's model servers"
+    assert worker.get("network_mode") is None and triggerer.get("network_mode") is None
+    # One worker: scaled replicas would share the advertised name.
+    assert (worker.get("deploy") or {}).get("replicas", 1) == 1
+    assert "scale" not in worker
 
 
 def test_mlflow_uses_postgres_and_minio(compose: dict, services: dict[str, dict]) -> None:

@@ -208,3 +208,26 @@ def test_an_exited_process_record_written_to_disk_is_read_back_dead(tmp_path):
     proc.wait()
     record = ProcessRecord.read(Path(tmp_path / "p.json"))
     assert record is not None and not record.alive()
+
+
+def test_a_job_launched_on_another_host_is_judged_by_its_heartbeat(tmp_path):
+    """The triggerer's container cannot see the worker's processes: a job whose files keep changing is running."""
+    import json
+    import os
+    import time
+
+    from airflow_llmops.platforms import JobHandle, JobState
+    from airflow_llmops.platforms.local import HEARTBEAT_STALE_S, LocalPlatform
+
+    platform = LocalPlatform(tmp_path)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    launcher = {"pid": 1, "create_time": 1.0, "started_at": time.time(), "host": "worker-container", "attempt": 1}
+    (job_dir / "launcher.json").write_text(json.dumps(launcher))
+    (job_dir / "launcher.log").write_text("step 1\n")
+    handle = JobHandle(platform="local", job_id="1", job_name="job")
+    assert platform.get_training_status(handle).state is JobState.RUNNING
+    old = time.time() - HEARTBEAT_STALE_S - 5
+    for name in ("launcher.json", "launcher.log"):
+        os.utime(job_dir / name, (old, old))
+    assert platform.get_training_status(handle).state is JobState.FAILED
