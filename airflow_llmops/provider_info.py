@@ -100,6 +100,30 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "/shared/llmops/endpoints",
                         "default": "",
                     },
+                    "local_endpoints_host": {
+                        "description": "Address local endpoint servers bind. 0.0.0.0 where other Airflow components "
+                        "(the triggerer) run on other hosts or containers; then set local_endpoints_advertise_host.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "0.0.0.0",
+                        "default": "",
+                    },
+                    "local_endpoints_advertise_host": {
+                        "description": "Host name in a local endpoint's URL when its server binds a wildcard address "
+                        "(the name other components reach this machine by).",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "airflow-worker",
+                        "default": "",
+                    },
+                    "staging_root": {
+                        "description": "Local copies of inputs read from a remote artifact_root (reused while the "
+                        "remote content is unchanged). Empty: $AIRFLOW_HOME/llmops/staging.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/var/cache/llmops/staging",
+                        "default": "",
+                    },
                     "artifact_conn_id": {
                         "description": "Airflow connection used to reach artifact_root when it is remote.",
                         "version_added": "0.1.0",

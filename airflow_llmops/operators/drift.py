@@ -152,10 +152,12 @@ class DriftCheckOperator(LLMOpsBaseOperator):
             if not self.endpoint_name:
                 raise AirflowFailException(f"{self.task_id}: give request_log_uri or endpoint_name")
             self.request_log_uri = f"{default_endpoints_root().rstrip('/')}/{self.endpoint_name}/requests"
-        return as_storage_path(str(self.request_log_uri))
+        return as_storage_path(str(self.request_log_uri), self.artifact_connection())
 
     def _beside_log(self, name: str, override: str | None) -> ObjectStoragePath:
-        return as_storage_path(override) if override else self._log_path().parent / name
+        if override:
+            return as_storage_path(override, self.artifact_connection())
+        return self._log_path().parent / name
 
     def _local_log(self, workdir: Path) -> Path:
         """The request log as a local folder; a remote one is copied (its ``requests-*.jsonl`` files) first."""
@@ -269,7 +271,7 @@ class DriftCheckOperator(LLMOpsBaseOperator):
         return summary
 
     def _local_reference(self, work: Path) -> Path:
-        path = as_storage_path(str(self.reference_uri))
+        path = as_storage_path(str(self.reference_uri), self.artifact_connection())
         local = local_folder(path)
         if local is not None:
             return local

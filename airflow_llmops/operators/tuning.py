@@ -81,7 +81,10 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
             spec = spec.model_copy(update={"training": training})
         if not spec.training.dataset_uri:
             raise AirflowFailException(f"{self.task_id}: no dataset; set dataset_uri or spec.training.dataset_uri")
-        return spec
+        # The study's trial processes read local files: a dataset on a remote artifact root is staged here.
+        local = str(self.stage_in(spec.training.dataset_uri, "dataset"))
+        training = spec.training.model_copy(update={"dataset_uri": local})
+        return spec.model_copy(update={"training": training})
 
     def execute(self, context: Context) -> dict[str, Any]:
         if self.check_platform() != "local":
