@@ -173,7 +173,8 @@ def test_backfill_stops_after_register_and_says_why_while_the_latest_interval_de
 
     # The run a scheduler makes now, for the latest interval (with "@daily", Airflow 3's CronTriggerTimetable:
     # today 00:00, a point-in-time interval).
-    info = _scheduled(dag)
+    info = _scheduled(dag, earliest=TODAY)  # today's run: the timetable's first from today on
+    assert info.logical_date == TODAY, info
     latest = _run_as(dag, _scheduled_run(info), info.logical_date, monkeypatch)
     log = "".join(capfd.readouterr())
     assert str(latest.run_type) == "scheduled"
