@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -148,3 +149,39 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     server = MLflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server
     server.stop()
+
+
+@contextlib.contextmanager
+def moto_s3(mp: pytest.MonkeyPatch, conn_id: str, bucket: str) -> Iterator[Any]:
+    """A moto S3 server on loopback with ``bucket``, reachable through the Airflow connection ``conn_id`` (set in the
+    environment); yields a boto3 client for the test's own checks."""
+    import boto3
+    from botocore.config import Config
+    from moto.server import ThreadedMotoServer
+
+    from airflow_llmops.processes import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    conn = {
+        "conn_type": "aws",
+        "login": "testing",
+        "password": "testing",
+        "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
+    mp.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}),  # botocore retries moto's 500s otherwise
+    )
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield client
+    finally:
+        server.stop()

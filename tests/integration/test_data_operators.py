@@ -5,38 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import moto_s3 as s3_server
 
 
 @pytest.fixture(scope="module")
 def moto_s3(monkeypatch_module):
-    import boto3
-    from botocore.config import Config
-    from moto.server import ThreadedMotoServer
-
-    from airflow_llmops.processes import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    conn = {
-        "conn_type": "aws",
-        "login": "testing",
-        "password": "testing",
-        "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-    }
-    monkeypatch_module.setenv("AIRFLOW_CONN_MOTO_S3", json.dumps(conn))
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-        config=Config(retries={"max_attempts": 1}),
-    )
-    client.create_bucket(Bucket="llm-data")
-    yield client
-    server.stop()
+    with s3_server(monkeypatch_module, "moto_s3", "llm-data") as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import prepare_chatterbot
+from conftest import moto_s3, prepare_chatterbot
 
 pytestmark = pytest.mark.integration
 
@@ -32,22 +32,6 @@ def monkeypatch_module():
 def s3(monkeypatch_module, tmp_path_factory):
     """A moto S3 server reachable only through the Airflow connection ``remote_s3``: no AWS credentials in the
     environment, no credentials or config file, no instance metadata."""
-    import boto3
-    from botocore.config import Config
-    from moto.server import ThreadedMotoServer
-
-    from airflow_llmops.processes import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    conn = {
-        "conn_type": "aws",
-        "login": "testing",
-        "password": "testing",
-        "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-    }
     mp = monkeypatch_module
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
         mp.delenv(name, raising=False)
@@ -55,18 +39,8 @@ def s3(monkeypatch_module, tmp_path_factory):
     mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
     mp.setenv("AWS_CONFIG_FILE", str(nowhere))
     mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    mp.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", json.dumps(conn))
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-        config=Config(retries={"max_attempts": 1}),
-    )
-    client.create_bucket(Bucket=BUCKET)
-    yield client
-    server.stop()
+    with moto_s3(mp, CONN_ID, BUCKET) as client:
+        yield client
 
 
 def _upload(client, folder: Path, prefix: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from test_rollout import Load
+from test_serving import wait_for
 
 from airflow_llmops.platforms import EndpointHandle, get_platform, register_platform
 from airflow_llmops.platforms.localhost import LocalHost
@@ -78,16 +79,6 @@ def _traffic(endpoints: Path) -> dict[str, float]:
     return platform.get_traffic(EndpointHandle("local", "topics"))
 
 
-def _wait_for(check: Callable[[], Any], what: str, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _baking(endpoints: Path, variant: str, step: int = 0) -> Callable[[], bool]:
     def check() -> bool:
         record = _platform(endpoints).get_rollout_record("topics")
@@ -105,6 +96,17 @@ def _first_version(classifier: Path, endpoints: Path, tmp_path: Path) -> str:
     return str(url)
 
 
+def _canary(classifier: Path, endpoints: Path, **params: Any) -> dict[str, Any]:
+    """The run conf of a canary of v2 in two steps (50 %, 100 %)."""
+    return {
+        "model_uri": str(classifier),
+        "endpoints_root": str(endpoints),
+        "variant": "v2",
+        "traffic_steps": [50, 100],
+        **params,
+    }
+
+
 def _report(name: str, load: Load) -> list[tuple[float, int, str | None]]:
     failed = [r for r in load.results if r[1] != 200]
     served = {v: sum(1 for r in load.results if r[2] == v) for v in sorted({str(r[2]) for r in load.results})}
@@ -116,17 +118,11 @@ def test_server_killed_mid_bake_rolls_back_to_the_old_version(airflow_db, classi
     import psutil
 
     url = _first_version(classifier, endpoints, tmp_path)
-    conf = {
-        "model_uri": str(classifier),
-        "endpoints_root": str(endpoints),
-        "variant": "v2",
-        "traffic_steps": [50, 100],
-        "bake_seconds": 30,
-    }
+    conf = _canary(classifier, endpoints, bake_seconds=30)
     log = tmp_path / "v2.log"
     with Load(url) as load:
         proc = _run_dag(conf, log)
-        _wait_for(_baking(endpoints, "v2"), "the first step's bake")
+        wait_for(_baking(endpoints, "v2"), timeout=120, what="the first step's bake")
         time.sleep(2)
         server = json.loads((endpoints / "topics" / "server.json").read_text())
         supervisor = psutil.Process(int(server["pid"]))
@@ -148,17 +144,11 @@ def test_server_killed_mid_bake_rolls_back_to_the_old_version(airflow_db, classi
 
 def test_worker_killed_mid_bake_retry_reattaches_and_finishes(airflow_db, classifier, endpoints, tmp_path) -> None:
     url = _first_version(classifier, endpoints, tmp_path)
-    conf = {
-        "model_uri": str(classifier),
-        "endpoints_root": str(endpoints),
-        "variant": "v2",
-        "traffic_steps": [50, 100],
-        "bake_seconds": 4,
-    }
+    conf = _canary(classifier, endpoints, bake_seconds=4)
     log = tmp_path / "v2.log"
     with Load(url) as load:
         proc = _run_dag(conf, log)
-        _wait_for(_baking(endpoints, "v2"), "the first step's bake")
+        wait_for(_baking(endpoints, "v2"), timeout=120, what="the first step's bake")
         os.killpg(proc.pid, signal.SIGKILL)  # the worker dies without any clean-up
         proc.wait(timeout=30)
         assert _traffic(endpoints) == {"v1": 50.0, "v2": 50.0}  # stranded half-way, recorded as in progress
@@ -242,13 +232,7 @@ def test_metrics_read_raising_rolls_back(airflow_db, classifier, endpoints, tmp_
 
     url = _first_version(classifier, endpoints, tmp_path)
     dag = load_dag("llmops_test_rollout", folder="tests/dags", module="llmops_test_rollout", attr="rollout_dag")
-    conf = {
-        "model_uri": str(classifier),
-        "endpoints_root": str(endpoints),
-        "variant": "v2",
-        "traffic_steps": [50, 100],
-        "bake_seconds": 6,
-    }
+    conf = _canary(classifier, endpoints, bake_seconds=6)
     _FlakyMetrics.calls = 0
     register_platform("local", _FlakyMetrics)
     try:
@@ -268,15 +252,7 @@ def test_metrics_read_raising_rolls_back(airflow_db, classifier, endpoints, tmp_
 
 def test_auto_rollback_off_leaves_the_split_and_says_so(airflow_db, classifier, endpoints, tmp_path) -> None:
     url = _first_version(classifier, endpoints, tmp_path)
-    conf = {
-        "model_uri": str(classifier),
-        "endpoints_root": str(endpoints),
-        "variant": "v2",
-        "traffic_steps": [50, 100],
-        "bake_seconds": 3,
-        "error_rate": 0.5,
-        "auto_rollback": False,
-    }
+    conf = _canary(classifier, endpoints, bake_seconds=3, error_rate=0.5, auto_rollback=False)
     log = tmp_path / "v2.log"
     with Load(url):
         result = _finish(_run_dag(conf, log), log)
