@@ -228,7 +228,7 @@ class DriftCheckOperator(LLMOpsBaseOperator):
         with tempfile.TemporaryDirectory(prefix="llmops-drift-") as tmp:
             work = Path(tmp)
             try:
-                reference = load_reference(self._local_reference(work))
+                reference = load_reference(self.stage_in(str(self.reference_uri), "reference dataset"))
             except DriftError as err:
                 raise AirflowFailException(f"{self.task_id}: {err}") from None
             log = self._local_log(work)
@@ -269,18 +269,6 @@ class DriftCheckOperator(LLMOpsBaseOperator):
         self._log_to_mlflow(context, result, summary, work_reports=[out / Path(p).name for p in result.reports])
         summary["signal"] = self._signal(context, result, summary, policy)
         return summary
-
-    def _local_reference(self, work: Path) -> Path:
-        path = as_storage_path(str(self.reference_uri), self.artifact_connection())
-        local = local_folder(path)
-        if local is not None:
-            return local
-        target = work / "reference"
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("manifest.json", "train.parquet"):
-            if (path / name).exists():
-                (target / name).write_bytes((path / name).read_bytes())
-        return target
 
     def _cache_dir(self) -> Path | None:
         if self.cache_uri:

@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
 from airflow.sdk import Asset, BaseOperator, conf
 from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
@@ -199,8 +199,7 @@ class RolloutOperator(BaseOperator):
         steps = plan.steps()
         while True:
             if self.timeout is not None and time.time() - record.started_at > self.timeout:
-                reason = f"the rollout took longer than timeout={self.timeout:g}s"
-                return self._fail(walk, record, reason)  # type: ignore[no-any-return]
+                self._fail(walk, record, f"the rollout took longer than timeout={self.timeout:g}s")
             if record.step >= len(steps):
                 return self._complete(context, walk, record)
             percent = steps[record.step]
@@ -218,35 +217,23 @@ class RolloutOperator(BaseOperator):
             if check.done:
                 self._on_event(walk, record, check.to_event())
                 continue
-            if not self.deferrable:
-                from airflow_llmops.triggers.rollout import watch_step
-
-                event = asyncio.run(
-                    watch_step(
-                        platform.name,
-                        self._platform_kwargs(rollout),
-                        handle.to_dict(),
-                        record.to_dict(),
-                        poll_interval=self.poll_interval,
-                        max_wait_s=self.max_wait_s,
-                        max_read_errors=self.max_read_errors,
-                    )
-                )
-                self._on_event(walk, record, event)
-                continue
             from airflow_llmops.triggers.rollout import RolloutStepTrigger
 
+            trigger = RolloutStepTrigger(
+                platform=platform.name,
+                platform_kwargs=dict(rollout["platform_kwargs"]),
+                handle=handle.to_dict(),
+                record=record.to_dict(),
+                poll_interval=self.poll_interval,
+                max_wait_s=self.max_wait_s,
+                max_read_errors=self.max_read_errors,
+            )
+            if not self.deferrable:  # the same wait, in the worker
+                self._on_event(walk, record, asyncio.run(trigger.first_event()))
+                continue
             left = None if self.timeout is None else max(1.0, self.timeout - (time.time() - record.started_at))
             self.defer(
-                trigger=RolloutStepTrigger(
-                    platform=platform.name,
-                    platform_kwargs=self._platform_kwargs(rollout),
-                    handle=handle.to_dict(),
-                    record=record.to_dict(),
-                    poll_interval=self.poll_interval,
-                    max_wait_s=self.max_wait_s,
-                    max_read_errors=self.max_read_errors,
-                ),
+                trigger=trigger,
                 method_name="execute_complete",
                 timeout=None if left is None else timedelta(seconds=left),
             )
@@ -279,14 +266,13 @@ class RolloutOperator(BaseOperator):
         """A passed step moves the record on; anything else ends the rollout (rolled back or left, as planned)."""
         platform, handle = walk.platform, walk.handle
         status = event.get("status")
+        record.steps.append(event)
         if status == "passed":
-            record.steps.append(event)
             record.step += 1
             record.step_started_at = None
             platform.put_rollout_record(handle.endpoint_name, record)
             self.log.info("%s", event.get("message"))
             return
-        record.steps.append(event)
         self._fail(walk, record, str(event.get("message") or status))
 
     # -- endings ---------------------------------------------------------------------------------------------
@@ -304,7 +290,7 @@ class RolloutOperator(BaseOperator):
         self.log.info("Rollout succeeded: %s", record.message)
         return self._result(context, rollout, record)
 
-    def _fail(self, walk: _Walk, record: RolloutRecord, reason: str) -> Any:
+    def _fail(self, walk: _Walk, record: RolloutRecord, reason: str) -> NoReturn:
         platform, handle, plan = walk.platform, walk.handle, walk.plan
         if plan.auto_rollback:
             platform.rollback(handle, failed_variant=record.variant, previous=record.previous)
@@ -351,9 +337,6 @@ class RolloutOperator(BaseOperator):
                 type(err).__name__,
                 err,
             )
-
-    def _platform_kwargs(self, rollout: Mapping[str, Any]) -> dict[str, Any]:
-        return dict(rollout["platform_kwargs"])
 
     def _result(self, context: Context, rollout: dict[str, Any], record: RolloutRecord) -> dict[str, Any]:
         result: dict[str, Any] = {

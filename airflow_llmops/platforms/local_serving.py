@@ -15,12 +15,11 @@ an endpoint when ``endpoints_root`` is a volume they all mount and the server bi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +91,7 @@ class LocalEndpoints:
         return path.read_text().strip()
 
     def _server_record(self, endpoint_name: str) -> dict[str, Any] | None:
-        try:
-            return dict(json.loads((self.endpoint_dir(endpoint_name) / "server.json").read_text()))
-        except (OSError, ValueError):
-            return None
+        return read_json_object(self.endpoint_dir(endpoint_name) / "server.json")
 
     def ensure_server(self, endpoint_name: str, *, timeout: float = 120.0) -> EndpointHandle:
         """The endpoint's running server, started if it is not up."""
@@ -106,12 +102,7 @@ class LocalEndpoints:
         running = ProcessRecord.read(folder / "server.json")
         if record and running is not None and running.alive():
             # The supervisor is up and its server restarting (loading models): wait for it, never start a second.
-            deadline = time.monotonic() + timeout
-            while not http_ok(f"{record['url']}/healthz"):
-                if not running.alive() or time.monotonic() > deadline:
-                    break
-                time.sleep(0.3)
-            else:
+            if _wait_healthy(str(record["url"]), running.alive, timeout):
                 return self._handle(endpoint_name, record)
             if running.alive():
                 raise DeploymentError(
@@ -150,17 +141,13 @@ class LocalEndpoints:
         # Only what the server needs: never the worker's Airflow secrets (Fernet key, database URL, connections).
         env = child_env({**self.env, "LLMOPS_ADMIN_TOKEN": self.admin_token(endpoint_name), "PYTHONUNBUFFERED": "1"})
         process = ManagedProcess(f"endpoint {endpoint_name}", argv, folder / "server.log", env=env).start()
-        record = {"pid": process.pid, "port": port, "url": url, "started_at": time.time()}
         assert process.record is not None
         process.record.write(folder / "server.json", port=port, url=url)
-        deadline = time.monotonic() + timeout
-        while not http_ok(f"{url}/healthz"):
-            if not process.alive() or time.monotonic() > deadline:
-                raise DeploymentError(
-                    f"endpoint {endpoint_name}: the server did not come up; log:\n{tail(folder / 'server.log')}"
-                )
-            time.sleep(0.3)
-        return self._handle(endpoint_name, record)
+        if not _wait_healthy(url, process.alive, timeout):
+            raise DeploymentError(
+                f"endpoint {endpoint_name}: the server did not come up; log:\n{tail(folder / 'server.log')}"
+            )
+        return self._handle(endpoint_name, {"url": url})
 
     def _handle(self, endpoint_name: str, record: Mapping[str, Any], **extra: Any) -> EndpointHandle:
         return EndpointHandle(
@@ -275,10 +262,11 @@ class LocalEndpoints:
         restore = {str(k): float(v) for k, v in previous.items()}
 
         def act(client: Any) -> None:
-            names = {v["name"] for v in client.variants()}
-            if restore:
-                client.set_weights({**restore, **({failed_variant: 0.0} if failed_variant in names else {})})
-            if failed_variant in names and restore:
+            if not restore:  # nothing served before: removing the only version would leave nothing serving
+                return
+            loaded = failed_variant in {v["name"] for v in client.variants()}
+            client.set_weights({**restore, **({failed_variant: 0.0} if loaded else {})})
+            if loaded:
                 client.remove_variant(failed_variant, force=True)
 
         self._call(handle, f"roll back {failed_variant}", act)
@@ -337,6 +325,16 @@ class LocalEndpoints:
                 client.set_fallback({**record.previous, **extra})
             else:
                 client.clear_fallback()
+
+
+def _wait_healthy(url: str, alive: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``url``'s health until it answers (True), or its process dies or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not http_ok(f"{url}/healthz"):
+        if not alive() or time.monotonic() > deadline:
+            return False
+        time.sleep(0.3)
+    return True
 
 
 def _server_started_at(client: Any, record: Mapping[str, Any]) -> float | None:

@@ -44,29 +44,33 @@ class LocalHost:
         python: str | None = None,
         test_faults: bool = False,
     ) -> None:
-        self._jobs_root = jobs_root
-        self._endpoints_root = endpoints_root
-        self._env = dict(env or {})
-        self._serving_options: dict[str, Any] = {
-            "port": port,
-            "host": host,
-            "advertise_host": advertise_host,
-            "python": python,
-            "test_faults": test_faults,
-        }
-        self._python = python
+        env = dict(env or {})
+        self._training = LocalPlatform(jobs_root, env=env, python=python) if jobs_root is not None else None
+        self._endpoints = (
+            LocalEndpoints(
+                endpoints_root,
+                env=env,
+                port=port,
+                host=host,
+                advertise_host=advertise_host,
+                python=python,
+                test_faults=test_faults,
+            )
+            if endpoints_root is not None
+            else None
+        )
 
     @property
     def training(self) -> LocalPlatform:
-        if self._jobs_root is None:
+        if self._training is None:
             raise ValueError("the local platform needs jobs_root to run training jobs")
-        return LocalPlatform(self._jobs_root, env=self._env, python=self._python)
+        return self._training
 
     @property
     def endpoints(self) -> LocalEndpoints:
-        if self._endpoints_root is None:
+        if self._endpoints is None:
             raise ValueError("the local platform needs endpoints_root to serve endpoints")
-        return LocalEndpoints(self._endpoints_root, env=self._env, **self._serving_options)
+        return self._endpoints
 
     # -- training --------------------------------------------------------------------------------------------
     def submit_training(self, spec: TrainingSpec, *, job_name: str) -> JobHandle:

@@ -96,8 +96,12 @@ class RolloutStepTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        yield TriggerEvent(await self.first_event())  # type: ignore[no-untyped-call]
+
+    async def first_event(self) -> dict[str, Any]:
+        """The verdict this trigger fires with (the operator awaits it directly when it does not defer)."""
         try:
-            event = await watch_step(
+            return await watch_step(
                 self.platform,
                 self.platform_kwargs,
                 self.handle,
@@ -107,5 +111,4 @@ class RolloutStepTrigger(BaseTrigger):
                 max_read_errors=self.max_read_errors,
             )
         except Exception as err:  # the operator turns it into a rollback with the message
-            event = {"status": "error", "step": self.record.get("step"), "message": f"{type(err).__name__}: {err}"}
-        yield TriggerEvent(event)  # type: ignore[no-untyped-call]
+            return {"status": "error", "step": self.record.get("step"), "message": f"{type(err).__name__}: {err}"}

@@ -199,14 +199,13 @@ def test_deployment_protocol_end_to_end(case: Case, endpoint: tuple[Any, Endpoin
 
 
 def test_rollout_record_lives_on_the_endpoint(case: Case, root: Path, endpoint: tuple[Any, EndpointHandle]) -> None:
-    platform, _ = endpoint
-    record = RolloutRecord(
-        rollout_id="dag/run/rollout", variant="v9", model_uri="m", previous={"v3": 100.0}, plan={}, step=1
-    )
+    platform, handle = endpoint
+    serving = platform.get_traffic(handle)  # whatever the other tests left serving (they may run elsewhere)
+    record = RolloutRecord(rollout_id="dag/run/rollout", variant="v9", model_uri="m", previous=serving, plan={}, step=1)
     platform.put_rollout_record("conformance", record)
     other = case.make(root)  # another process, another adapter object: the record is on the endpoint
     loaded = other.get_rollout_record("conformance")
-    assert loaded is not None and loaded.variant == "v9" and loaded.step == 1 and loaded.previous == {"v3": 100.0}
+    assert loaded is not None and loaded.variant == "v9" and loaded.step == 1 and loaded.previous == serving
     loaded.state = "rolled_back"
     other.put_rollout_record("conformance", loaded)
     assert platform.get_rollout_record("conformance").state == "rolled_back"
