@@ -124,6 +124,30 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "/var/cache/llmops/staging",
                         "default": "",
                     },
+                    "sagemaker_role_arn": {
+                        "description": "IAM role SageMaker assumes for training jobs and endpoints (platform "
+                        "'sagemaker'); an operator's platform_options role_arn wins.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "arn:aws:iam::123456789012:role/llmops-sagemaker",
+                        "default": "",
+                    },
+                    "sagemaker_image_uri": {
+                        "description": "The runtime image (docker/runtime.Dockerfile) in ECR, run by SageMaker "
+                        "training jobs and endpoints.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "123456789012.dkr.ecr.us-east-1.amazonaws.com/airflow-llmops-runtime:0.2.0",
+                        "default": "",
+                    },
+                    "sagemaker_s3_prefix": {
+                        "description": "Where SageMaker jobs and endpoints keep their files: job outputs, "
+                        "checkpoints, Data Capture, rollout records.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "s3://my-bucket/llmops/sagemaker",
+                        "default": "",
+                    },
                     "artifact_conn_id": {
                         "description": "Airflow connection used to reach artifact_root when it is remote.",
                         "version_added": "0.1.0",

@@ -16,6 +16,7 @@ multi-node job needs the checkpoints on a filesystem every node reads.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -26,6 +27,9 @@ from airflow_llmops.ml.training.errors import TrainingInputError
 from airflow_llmops.ml.training.jobdir import JobDir
 from airflow_llmops.specs.base import SpecValidationError
 from airflow_llmops.specs.training import TrainingSpec
+
+#: Prefix of the line that carries the final metrics and the MLflow run id in the job's log.
+RESULT_PREFIX = "[llmops-result] "
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         job.write_status(status)
         print(f"[train] succeeded: model at {status['model_uri']}", flush=True)
+        # One machine-readable line for platforms that only keep the job's log (SageMaker, Vertex AI, Azure ML).
+        result = {k: status.get(k) for k in ("metrics", "mlflow_run_id", "resumed_from_step", "world_size")}
+        print(RESULT_PREFIX + json.dumps(result, default=str, sort_keys=True), flush=True)
     elif local_rank == 0:
         node = os.environ.get("GROUP_RANK", "?")
         job.write_status(

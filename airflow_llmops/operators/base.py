@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +148,7 @@ def stage_in(
     max_age: float = STAGING_MAX_AGE_S,
 ) -> Path:
     """A local path holding what ``uri`` names (a folder, or a single file), for code that reads local paths.
+    A remote ``.tar.gz`` file (SageMaker's ``model.tar.gz``) is unpacked: the path is the folder it holds.
 
     A local URI (``file://`` or a plain path) is returned as its path: nothing is copied. A remote one is downloaded
     through Airflow's object storage with ``conn_id`` (the reading process needs no cloud credentials of its own)
@@ -178,7 +179,7 @@ def stage_in(
     name = base.rsplit("/", 1)[-1]
     entry = root / f"{_RUN_SAFE.sub('_', name)[:60]}-{_fingerprint(plain, files)}"
     # The copy keeps the remote name (<entry>/x.parquet, <entry>/data/...); the marker stays outside it.
-    target, marker = entry / name, entry / _STAGED_MARKER
+    target, marker = entry / name.removesuffix(".tar.gz"), entry / _STAGED_MARKER
     if marker.is_file():
         with contextlib.suppress(OSError):  # the use keeps it from being pruned
             os.utime(marker)
@@ -198,6 +199,9 @@ def stage_in(
                     f"{plain}: {rel} changed while it was downloaded ({info['size']} bytes listed, {size} read)"
                 )
             total += size
+        if len(files) == 1 and name.endswith(".tar.gz"):
+            # A packed model (SageMaker's model.tar.gz): readers get the folder it holds.
+            _unpack(partial / name, partial / name.removesuffix(".tar.gz"))
         record = {"uri": plain, "conn_id": conn_id, "files": len(files), "bytes": total, "staged_at": time.time()}
         (partial / _STAGED_MARKER).write_text(json.dumps(record, indent=2) + "\n")
         try:
@@ -210,6 +214,16 @@ def stage_in(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return target
+
+
+def _unpack(archive: Path, dest: Path) -> None:
+    """Extract a gzipped tar into ``dest`` (members that would land outside it are refused), then drop it."""
+    import tarfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(dest, filter="data")
+    archive.unlink()
 
 
 def stage_out(local: Path, target: ObjectStoragePath) -> None:
@@ -233,6 +247,36 @@ def staged_output(target: ObjectStoragePath, *, prefix: str = "llmops-out-") -> 
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         yield Path(tmp)
         stage_out(Path(tmp), target)
+
+
+#: Settings of a cloud platform that ``[llmops] <platform>_<name>`` may give when an operator does not.
+_CLOUD_DEFAULTS = {"sagemaker": ("role_arn", "image_uri", "s3_prefix")}
+_CONN_KEYS = {"sagemaker": "aws_conn_id"}
+
+
+def cloud_platform_kwargs(
+    platform: str,
+    conn_id: str | None,
+    options: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The adapter's keyword arguments for a cloud platform: the connection, ``[llmops] <platform>_*`` defaults,
+    then the operator's ``platform_options`` (which win); ``env`` joins the options' own ``env``. JSON values only:
+    credentials stay in the connection."""
+    out: dict[str, Any] = {}
+    if platform in _CONN_KEYS and conn_id:
+        out[_CONN_KEYS[platform]] = conn_id
+    for name in _CLOUD_DEFAULTS.get(platform, ()):
+        value = conf.get("llmops", f"{platform}_{name}", fallback="")
+        if value:
+            out[name] = value
+    options = dict(options or {})
+    merged_env = {**dict(env or {}), **dict(options.pop("env", None) or {})}
+    out.update(options)
+    if merged_env:
+        out["env"] = merged_env
+    return out
 
 
 class LLMOpsBaseOperator(BaseOperator):

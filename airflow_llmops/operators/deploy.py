@@ -11,7 +11,7 @@ from airflow.sdk import conf
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_llmops.links.artifacts import EndpointLink
-from airflow_llmops.operators.base import LLMOpsBaseOperator, airflow_home
+from airflow_llmops.operators.base import LLMOpsBaseOperator, airflow_home, cloud_platform_kwargs
 from airflow_llmops.operators.training import default_mlflow_tracking_uri
 from airflow_llmops.specs import RolloutPlan, SpecValidationError
 
@@ -79,9 +79,11 @@ class DeployModelOperator(LLMOpsBaseOperator):
         self.platform_options = dict(platform_options or {})
 
     def platform_kwargs(self) -> dict[str, Any]:
-        if self.check_platform() != "local":
-            return dict(self.platform_options)
         tracking = self.mlflow_tracking_uri if self.mlflow_tracking_uri is not None else default_mlflow_tracking_uri()
+        if self.check_platform() != "local":
+            # The endpoint loads registry versions from MLflow itself: it needs the tracking server's address.
+            env = {"MLFLOW_TRACKING_URI": tracking} if tracking else {}
+            return cloud_platform_kwargs(self.platform, self.platform_conn_id, self.platform_options, env=env)
         host = conf.get("llmops", "local_endpoints_host", fallback="") or None
         advertise = conf.get("llmops", "local_endpoints_advertise_host", fallback="") or None
         return {
@@ -119,10 +121,11 @@ class DeployModelOperator(LLMOpsBaseOperator):
         try:
             self._roll_back_stale(platform, endpoint_name, variant)
             handle = platform.deploy(endpoint_name, model_uri=str(self.model_uri), variant=variant, plan=plan)
-        except DeploymentError as err:
+        except (DeploymentError, ValueError) as err:  # ValueError: a setting or name the platform refuses
             raise AirflowFailException(f"{self.task_id}: {err}") from None
-        if handle.url:
-            EndpointLink().persist(context, f"{handle.url}/docs")
+        link = f"{handle.url}/docs" if platform.name == "local" else (handle.console_url or handle.url)
+        if link:
+            EndpointLink().persist(context, link)
         previous = handle.extra.get("previous") or {}
         self.log.info(
             "Endpoint %s at %s: %s loaded next to %s; strategy %s, steps %s",

@@ -196,14 +196,30 @@ class RolloutOperator(BaseOperator):
         from airflow_llmops.platforms.rollout import check_step, step_weights
 
         rollout, platform, handle, plan = walk
-        steps = plan.steps()
+        # A guarded deployment is one step for us: the platform walks the plan's steps and judges them itself.
+        steps = [100.0] if plan.native_guardrails else plan.steps()
         while True:
             if self.timeout is not None and time.time() - record.started_at > self.timeout:
                 self._fail(walk, record, f"the rollout took longer than timeout={self.timeout:g}s")
             if record.step >= len(steps):
                 return self._complete(context, walk, record)
             percent = steps[record.step]
-            if record.step_started_at is None:
+            if record.step_started_at is None and plan.native_guardrails:
+                from airflow_llmops.platforms.base import GuardedDeploymentPlatform
+
+                assert isinstance(platform, GuardedDeploymentPlatform)
+                platform.start_guarded_deployment(handle, variant=record.variant, plan=plan)
+                record.step_started_at = time.time()
+                platform.put_rollout_record(handle.endpoint_name, record)
+                self.log.info(
+                    "Guarded deployment of %s started on %s: the platform walks %s %% (bake %gs) and rolls back on its "
+                    "alarms; watching it",
+                    record.variant,
+                    platform.name,
+                    plan.steps(),
+                    plan.bake_seconds,
+                )
+            elif record.step_started_at is None:
                 weights = step_weights(plan, percent, record.variant, record.previous)
                 platform.set_traffic(handle, weights)
                 record.step_started_at = time.time()

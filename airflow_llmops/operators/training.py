@@ -12,7 +12,7 @@ from airflow.sdk import conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_llmops.links.mlflow import MLflowRunLink, mlflow_run_url
-from airflow_llmops.operators.base import LLMOpsBaseOperator, airflow_home, is_remote
+from airflow_llmops.operators.base import LLMOpsBaseOperator, airflow_home, cloud_platform_kwargs, is_remote
 from airflow_llmops.platforms.base import JobHandle, JobState, JobStatus
 from airflow_llmops.specs import SpecValidationError, TrainingSpec
 
@@ -48,6 +48,8 @@ class TrainModelOperator(LLMOpsBaseOperator):
     :param poll_interval: seconds between status checks.
     :param progress_interval: seconds between progress lines in the task log.
     :param deferrable: wait in the triggerer instead of the worker.
+    :param platform_options: the cloud adapter's settings (sagemaker: ``role_arn``, ``image_uri``, ``s3_prefix``,
+        ``instance_type``, ``max_runtime_s``...; JSON values, never credentials: those stay in ``platform_conn_id``).
     """
 
     template_fields: Sequence[str] = (
@@ -71,9 +73,11 @@ class TrainModelOperator(LLMOpsBaseOperator):
         progress_interval: float = 30.0,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         timeout: timedelta | None = None,
+        platform_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.platform_options = dict(platform_options or {})
         self.spec = spec
         self.dataset_uri = dataset_uri
         self.mlflow_tracking_uri = mlflow_tracking_uri
@@ -100,11 +104,11 @@ class TrainModelOperator(LLMOpsBaseOperator):
         return spec.model_copy(update={"dataset_uri": dataset.removeprefix("file://")})
 
     def platform_kwargs(self) -> dict[str, Any]:
-        if self.check_platform() != "local":
-            return {}
         tracking = self.mlflow_tracking_uri if self.mlflow_tracking_uri is not None else default_mlflow_tracking_uri()
         env = {"MLFLOW_TRACKING_URI": tracking} if tracking else {}
-        return {"jobs_root": self.jobs_root or default_local_jobs_root(), "env": env}
+        if self.check_platform() != "local":
+            return cloud_platform_kwargs(self.platform, self.platform_conn_id, self.platform_options, env=env)
+        return {"jobs_root": self.jobs_root or default_local_jobs_root(), "env": env, **self.platform_options}
 
     def platform_adapter(self) -> TrainingPlatform:
         from airflow_llmops.platforms import training_platform
@@ -118,7 +122,10 @@ class TrainModelOperator(LLMOpsBaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         spec = self.training_spec()
         platform = self.platform_adapter()
-        handle = platform.submit_training(spec, job_name=self.job_name(context))
+        try:
+            handle = platform.submit_training(spec, job_name=self.job_name(context))
+        except ValueError as err:  # a setting the platform refuses before any job starts
+            raise AirflowFailException(f"{self.task_id}: {err}") from None
         self._handle = handle
         context["ti"].xcom_push(key="job", value=handle.to_dict())
         self.log.info("Training job %s on %s (%s)", handle.job_name, platform.name, handle.extra or handle.job_id)

@@ -18,6 +18,7 @@ from airflow_llmops.platforms.base import (
     DeploymentPlatform,
     EndpointChangedError,
     EndpointHandle,
+    GuardedDeploymentPlatform,
     JobHandle,
     JobState,
     JobStatus,
@@ -32,7 +33,10 @@ from airflow_llmops.platforms.base import (
 
 ENTRY_POINT_GROUP = "airflow_llmops.platforms"
 # Used when the package's metadata is not installed (running from a source tree); the entry points say the same.
-_BUILTIN = {"local": "airflow_llmops.platforms.localhost:LocalHost"}
+_BUILTIN = {
+    "local": "airflow_llmops.platforms.localhost:LocalHost",
+    "sagemaker": "airflow_llmops.platforms.sagemaker:SageMaker",
+}
 _registered: dict[str, Callable[..., Any]] = {}
 
 
@@ -97,6 +101,7 @@ __all__ = [
     "DeploymentPlatform",
     "EndpointChangedError",
     "EndpointHandle",
+    "GuardedDeploymentPlatform",
     "JobHandle",
     "JobState",
     "JobStatus",

@@ -144,6 +144,13 @@ class PlatformCapabilities(_Record):
 
     def refuse(self, plan: RolloutPlan, platform: str) -> str | None:
         """Why ``plan`` cannot run on this platform, or None."""
+        if plan.native_guardrails and not self.native_guarded_deployment:
+            return (
+                f"platform {platform!r} has no guarded deployment of its own, so native_guardrails=True cannot run "
+                "there; leave it False (the rollout steps and judges the traffic itself)"
+            )
+        if plan.autoscaling is not None and not self.autoscaling:
+            return f"platform {platform!r} cannot autoscale endpoints; remove the plan's autoscaling"
         if plan.strategy == "shadow" and not self.shadow:
             return (
                 f"platform {platform!r} cannot mirror traffic, so rollout strategy 'shadow' cannot run there; "
@@ -230,6 +237,20 @@ class DeploymentPlatform(Protocol):
     def get_rollout_record(self, endpoint_name: str) -> RolloutRecord | None: ...
 
     def put_rollout_record(self, endpoint_name: str, record: RolloutRecord) -> None: ...
+
+
+@runtime_checkable
+class GuardedDeploymentPlatform(Protocol):
+    """A platform that walks a rollout itself and rolls back on its own alarms (``native_guardrails``).
+
+    ``deploy`` prepares the new version without sending it traffic; :meth:`start_guarded_deployment` starts the
+    platform's deployment (idempotent: a second call while it runs, or after it ended, changes nothing);
+    :meth:`guarded_deployment_state` says where it stands: ``("in_progress" | "succeeded" | "rolled_back",
+    message)``. ``rollback`` during a guarded deployment makes the platform roll it back."""
+
+    def start_guarded_deployment(self, handle: EndpointHandle, *, variant: str, plan: RolloutPlan) -> None: ...
+
+    def guarded_deployment_state(self, handle: EndpointHandle, *, variant: str) -> tuple[str, str]: ...
 
 
 _UNSAFE = re.compile(r"[^a-z0-9-]+")

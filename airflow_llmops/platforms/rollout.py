@@ -134,8 +134,13 @@ def check_step(
     max_wait_s: float,
     now: float | None = None,
 ) -> StepCheck:
-    """Judge the current step from the endpoint's numbers since the step began (read-only: safe in a trigger)."""
+    """Judge the current step from the endpoint's numbers since the step began (read-only: safe in a trigger).
+
+    With ``native_guardrails`` the platform walks the steps and judges them on its alarms: the single step here
+    passes when its deployment finished and is a breach when it rolled back."""
     assert record.step_started_at is not None, "the step's traffic is not set yet"
+    if plan.native_guardrails:
+        return _check_guarded(platform, handle, record, plan, max_wait_s=max_wait_s, now=now)
     percent = plan.steps()[record.step]
     old = [name for name in record.previous if name != record.variant]
     rows = platform.read_metrics(handle, variants=[record.variant, *old], since=record.step_started_at)
@@ -150,3 +155,33 @@ def check_step(
     else:
         status = "wait"
     return StepCheck(status, record.step, percent, elapsed, verdict)
+
+
+def guarded_budget(plan: RolloutPlan) -> float:
+    """How long a platform's own guarded deployment may take to walk ``plan`` before we call it stuck."""
+    return plan.bake_seconds * (len(plan.steps()) + 1)
+
+
+def _check_guarded(
+    platform: DeploymentPlatform,
+    handle: EndpointHandle,
+    record: RolloutRecord,
+    plan: RolloutPlan,
+    *,
+    max_wait_s: float,
+    now: float | None,
+) -> StepCheck:
+    from airflow_llmops.platforms.base import GuardedDeploymentPlatform
+
+    assert record.step_started_at is not None
+    if not isinstance(platform, GuardedDeploymentPlatform):
+        raise TypeError(f"platform {platform.name!r} has no guarded deployment")
+    state, message = platform.guarded_deployment_state(handle, variant=record.variant)
+    elapsed = (time.time() if now is None else now) - record.step_started_at
+    status = {"succeeded": "passed", "rolled_back": "breach"}.get(state, "wait")
+    if status == "wait" and elapsed >= guarded_budget(plan) + max_wait_s:
+        status = "timeout"
+        message = f"{message}; still not finished after {elapsed:.0f}s"
+    ok = {"passed": True, "breach": False}.get(status)
+    verdict = Verdict(ok, message, {"variant": record.variant, "guarded": state}, None)
+    return StepCheck(status, record.step, 100.0, elapsed, verdict)

@@ -6,7 +6,7 @@ from airflow_llmops.specs.base import Spec, SpecValidationError
 from airflow_llmops.specs.dataset import DatasetSpec, SplitSpec
 from airflow_llmops.specs.drift import DriftPolicy
 from airflow_llmops.specs.quantization import QuantizationSpec
-from airflow_llmops.specs.rollout import SLO, RolloutPlan
+from airflow_llmops.specs.rollout import SLO, AutoscalingSpec, RolloutPlan
 from airflow_llmops.specs.training import DistributedSpec, LoraSpec, TrainingSpec
 from airflow_llmops.specs.validation import ValidationSpec
 
@@ -25,6 +25,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "SLO",
+    "AutoscalingSpec",
     "DatasetSpec",
     "DistributedSpec",
     "DriftPolicy",

@@ -24,8 +24,29 @@ class SLO(Spec):
     )
 
 
+class AutoscalingSpec(Spec):
+    """Instances follow the load: between ``min_instances`` and ``max_instances``, aiming at
+    ``target_invocations_per_instance`` requests per instance per minute (SageMaker's target-tracking metric)."""
+
+    min_instances: int = Field(default=1, ge=1, le=1000)
+    max_instances: int = Field(default=2, ge=1, le=1000)
+    target_invocations_per_instance: float = Field(default=100.0, gt=0)
+    scale_in_cooldown_s: int = Field(default=300, ge=0)
+    scale_out_cooldown_s: int = Field(default=60, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Self:
+        if self.max_instances < self.min_instances:
+            raise ValueError(f"max_instances {self.max_instances} is below min_instances {self.min_instances}")
+        return self
+
+
 class RolloutPlan(Spec):
     """How traffic moves from the serving version to the new one.
+
+    ``native_guardrails`` hands the walk to the platform's own guarded deployment (SageMaker blue/green with alarm
+    rollback, alarms made from ``slo``); the rollout then watches it and reports the same verdicts. ``autoscaling``
+    makes the new version's instances follow the load where the platform can.
 
     ``traffic_steps`` are the new variant's percentages (``canary``: e.g. ``[10, 50, 100]``; ``linear``: built
     from ``linear_step_percent`` when empty). ``shadow`` mirrors ``shadow_percent`` of the traffic to the new
@@ -40,6 +61,8 @@ class RolloutPlan(Spec):
     slo: SLO = Field(default_factory=SLO)
     auto_rollback: bool = True
     promote_on_success: bool = True
+    native_guardrails: bool = False
+    autoscaling: AutoscalingSpec | None = None
 
     @model_validator(mode="after")
     def _steps_fit_strategy(self) -> Self:
@@ -57,6 +80,8 @@ class RolloutPlan(Spec):
             raise ValueError(f"strategy {self.strategy!r} takes no traffic_steps, got {steps}")
         elif self.strategy == "linear" and steps and steps[-1] != 100:
             raise ValueError(f"linear traffic_steps must end at 100, got {steps}")
+        if self.native_guardrails and not self.auto_rollback:
+            raise ValueError("native_guardrails always roll back on an alarm; auto_rollback=False cannot hold there")
         return self
 
     def steps(self) -> list[float]:

@@ -1,0 +1,259 @@
+"""The reference pipeline, built once for every platform: ``dags/llmops_<platform>.py`` call
+:func:`reference_pipeline` with their platform and its settings, so the stages, their wiring and the run's Params
+are the same code on local, SageMaker, Vertex AI and Azure ML. Parse-light: only Airflow's SDK and our operators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from airflow.sdk import DAG, Param
+
+from airflow_llmops.operators import (
+    DeployModelOperator,
+    EvaluateModelOperator,
+    LatestOnlyGateOperator,
+    PlanRunOperator,
+    PrepareDatasetOperator,
+    QuantizeModelOperator,
+    RegisterModelOperator,
+    RolloutOperator,
+    TrainModelOperator,
+    ValidateDatasetOperator,
+)
+from airflow_llmops.operators.data import dataset_asset
+from airflow_llmops.operators.registry import model_alias_asset
+from airflow_llmops.schedules import reference_schedule
+
+DATASET = "chatterbot-topics"
+MODEL = "chatterbot-topics-classifier"
+# Topics of the English corpus with enough distinct utterances to train and evaluate a classifier.
+TOPICS = ",".join(
+    (
+        *("ai", "botprofile", "coding", "computers", "emotion", "food", "greetings", "humor", "literature"),
+        *("money", "movies", "politics", "psychology", "science", "sports", "trivia"),
+    )
+)
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "llmops",
+    # Tasks that talk to services (object store, MLflow, endpoints) retry with back-off.
+    "retries": 2,
+    "retry_delay": timedelta(seconds=30),
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10),
+}
+
+
+def reference_params(platform: str, *, platforms: list[str] | None = None) -> dict[str, Param]:
+    """The typed Params of a manual run (*Trigger DAG w/ config*), the same on every platform."""
+    return {
+        "platform": Param(
+            platform,
+            type="string",
+            enum=platforms or [platform],
+            description="where training and serving run",
+        ),
+        "task": Param(
+            "classification",
+            type="string",
+            enum=["classification", "causal_lm"],
+            description="topic classification or dialog generation",
+        ),
+        "model": Param("", type="string", description="Hugging Face id or path; empty: the task's offline default"),
+        "dataset_source": Param(
+            f"chatterbot://english?topics={TOPICS}",
+            type="string",
+            minLength=1,
+            description="chatterbot://<language> or a file://, s3://, gs://, abfs:// URI",
+        ),
+        # The defaults fine-tune MiniLM past the TF-IDF + logistic-regression baseline on the test split
+        # (bench/train.py measures both); a few minutes on two CPU cores. Set max_steps for a quick smoke run.
+        "epochs": Param(6, type="number", exclusiveMinimum=0, description="passes over the training split"),
+        "max_steps": Param(-1, type="integer", minimum=-1, description="-1: train for `epochs`; else stop here"),
+        "learning_rate": Param(1.5e-4, type="number", exclusiveMinimum=0, maximum=1),
+        "rollout_strategy": Param(
+            "canary", type="string", enum=["all_at_once", "blue_green", "canary", "linear", "shadow"]
+        ),
+        "canary_steps": Param(
+            [10, 50, 100],
+            type="array",
+            items={"type": "number"},
+            description="new variant's traffic share per step, percent",
+        ),
+        "p95_latency_ms": Param(500, type="number", exclusiveMinimum=0),
+        "bake_seconds": Param(20, type="number", minimum=0, description="how long each rollout step is watched"),
+        "min_requests": Param(
+            0,
+            type="integer",
+            minimum=0,
+            description="requests a step needs before it is judged; 0 judges what came (the demo sends none)",
+        ),
+        "pii_action": Param(
+            "redact", type="string", enum=["fail", "redact"], description="personal data found: stop, or redact"
+        ),
+        "max_error_rate": Param(0.01, type="number", minimum=0, maximum=1),
+        "quantization_methods": Param(
+            ["torch_dynamic_int8", "onnx_dynamic_int8"],
+            type="array",
+            items={"type": "string"},
+            description="methods to try; the fastest within max_quality_drop is kept",
+        ),
+        "max_quality_drop": Param(1.0, type="number", minimum=0, description="accuracy points quantization may lose"),
+        "min_improvement": Param(
+            0.0, type="number", description="accuracy the new model must gain over the champion to replace it"
+        ),
+    }
+
+
+def reference_pipeline(
+    *,
+    dag_id: str,
+    platform: str,
+    doc_md: str,
+    description: str,
+    tags: list[str],
+    schedule: str = "@daily",
+    platforms: list[str] | None = None,
+    platform_conn_id: str | None = None,
+    train_options: Mapping[str, Any] | None = None,
+    deploy_options: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+    rollout: Mapping[str, Any] | None = None,
+    params: Mapping[str, Param] | None = None,
+) -> DAG:
+    """The lifecycle as one DAG: plan → prepare → validate → train → quantize → evaluate → register → latest_only →
+    deploy → rollout.
+
+    :param platform: the platform training and serving run on (the ``platform`` Param's default).
+    :param platforms: the values the ``platform`` Param offers (default: only ``platform``).
+    :param platform_conn_id: the cloud connection of train and deploy (``aws`` for SageMaker).
+    :param train_options: / :param deploy_options: the adapter's ``platform_options`` (templated JSON values).
+    :param training: / :param rollout: fields added to (or replacing) the plan's training spec and rollout plan,
+        e.g. ``{"distributed": {...}}`` for a two-instance job or ``{"native_guardrails": ...}``.
+    :param params: extra Params (e.g. ones the ``training`` / ``rollout`` templates read).
+    """
+    with DAG(
+        dag_id=dag_id,
+        description=description,
+        schedule=reference_schedule(schedule),  # LLMOPS_REFERENCE_SCHEDULES=off: triggered runs only
+        start_date=datetime(2026, 11, 1),
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        tags=tags,
+        doc_md=doc_md,
+        render_template_as_native_obj=True,
+        params={**reference_params(platform, platforms=platforms), **dict(params or {})},
+    ) as dag:
+        cloud: dict[str, Any] = {"platform_conn_id": platform_conn_id} if platform_conn_id else {}
+        plan = PlanRunOperator(
+            task_id="plan",
+            platform="{{ params.platform }}",
+            retries=0,
+            dataset={
+                "name": DATASET,
+                "source": "{{ params.dataset_source }}",
+                "task": "{{ params.task }}",
+            },
+            training={
+                "task": "{{ params.task }}",
+                "model": "{{ params.model }}",
+                "epochs": "{{ params.epochs }}",
+                "max_steps": "{{ params.max_steps }}",
+                "learning_rate": "{{ params.learning_rate }}",
+                "warmup_ratio": 0.1,
+                "max_seq_length": 64,
+                # Two CPU processes (one per GPU where there are GPUs) x 8 = a global batch of 16.
+                "per_device_batch_size": 8,
+                "checkpoint_every_steps": 50,
+                "log_every_steps": 10,
+                **dict(training or {}),
+            },
+            rollout={
+                "strategy": "{{ params.rollout_strategy }}",
+                "traffic_steps": "{{ params.canary_steps if params.rollout_strategy == 'canary' else [] }}",
+                "bake_seconds": "{{ params.bake_seconds }}",
+                "slo": {
+                    "p95_latency_ms": "{{ params.p95_latency_ms }}",
+                    "max_error_rate": "{{ params.max_error_rate }}",
+                    "min_requests": "{{ params.min_requests }}",
+                },
+                **dict(rollout or {}),
+            },
+        )
+        prepare = PrepareDatasetOperator(
+            task_id="prepare",
+            dataset="{{ ti.xcom_pull(task_ids='plan')['specs']['dataset'] }}",
+            tokenizer="{{ params.model or 'all-MiniLM-L6-v2' }}",
+            outlets=[dataset_asset(DATASET)],
+        )
+        validate = ValidateDatasetOperator(
+            task_id="validate",
+            dataset_uri="{{ ti.xcom_pull(task_ids='prepare')['dataset_uri'] }}",
+            validation={"max_tokens": 128, "pii_action": "{{ params.pii_action }}", "max_quarantine_fraction": 0.02},
+        )
+        train = TrainModelOperator(
+            task_id="train",
+            platform="{{ params.platform }}",
+            spec="{{ ti.xcom_pull(task_ids='plan')['specs']['training'] }}",
+            dataset_uri="{{ ti.xcom_pull(task_ids='validate')['dataset_uri'] }}",
+            progress_interval=10,
+            execution_timeout=timedelta(hours=2),
+            platform_options=train_options,
+            **cloud,
+        )
+        quantize = QuantizeModelOperator(
+            task_id="quantize",
+            model_uri="{{ ti.xcom_pull(task_ids='train')['model_uri'] }}",
+            dataset_uri="{{ ti.xcom_pull(task_ids='validate')['dataset_uri'] }}",
+            spec={
+                "methods": "{{ params.quantization_methods }}",
+                "choose": "fastest_within_tolerance",
+                "max_quality_drop": "{{ params.max_quality_drop }}",
+            },
+            fallback_to_source=True,  # no method within tolerance: ship full precision rather than nothing
+        )
+        evaluate = EvaluateModelOperator(
+            task_id="evaluate",
+            model_uri="{{ ti.xcom_pull(task_ids='quantize')['chosen_model_uri'] }}",
+            dataset_uri="{{ ti.xcom_pull(task_ids='validate')['dataset_uri'] }}",
+            registered_model_name=MODEL,
+            min_improvement="{{ params.min_improvement }}",  # type: ignore[arg-type]  # rendered as a number
+        )
+        register = RegisterModelOperator(
+            task_id="register",
+            model_uri="{{ ti.xcom_pull(task_ids='quantize')['chosen_model_uri'] }}",
+            dataset_uri="{{ ti.xcom_pull(task_ids='validate')['dataset_uri'] }}",
+            training_run_id="{{ ti.xcom_pull(task_ids='train')['mlflow_run_id'] }}",
+            registered_model_name=MODEL,
+        )
+        # Backfills and older intervals train, evaluate and register, but never touch the live endpoint.
+        latest_only = LatestOnlyGateOperator(
+            task_id="latest_only", model_version="{{ (ti.xcom_pull(task_ids='register') or {}).get('version', '') }}"
+        )
+        deploy = DeployModelOperator(
+            task_id="deploy",
+            platform="{{ params.platform }}",
+            model_uri="{{ ti.xcom_pull(task_ids='register')['uri'] }}",
+            endpoint_name=DATASET,
+            rollout="{{ ti.xcom_pull(task_ids='plan')['specs']['rollout'] }}",
+            platform_options=deploy_options,
+            **cloud,
+        )
+        walk = RolloutOperator(
+            task_id="rollout",
+            rollout="{{ ti.xcom_pull(task_ids='deploy') }}",
+            deferrable=True,
+            poll_interval=2,
+            # A retry re-attaches to the walk recorded on the endpoint (a killed worker, a lost deferral); a rollout
+            # that was rolled back stays a verdict: the retry fails at once with its reason.
+            retries=2,
+            retry_delay=timedelta(seconds=5),
+            retry_exponential_backoff=0,
+            outlets=[model_alias_asset(MODEL)],
+        )
+        plan >> prepare >> validate >> train >> quantize >> evaluate >> register >> latest_only >> deploy >> walk
+    return dag
