@@ -335,3 +335,69 @@ def test_no_concrete_platform_is_imported_outside_platforms():
             if isinstance(node, ast.Import):
                 offenders += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names if a.name in concrete]
     assert offenders == []
+
+
+# -- guarded deployments (the platform walks and judges; we start, watch and report) ---------------------------------
+class GuardedEndpoints(MemoryEndpoints):
+    """A platform with its own guarded deployment: ``outcome`` says how the platform's walk ends."""
+
+    name = "guarded"
+    capabilities = PlatformCapabilities(traffic_split=True, native_guarded_deployment=True)
+    outcome: ClassVar[list[str]] = []
+
+    def start_guarded_deployment(self, handle, *, variant, plan):  # type: ignore[no-untyped-def]
+        self._act("start_guarded", (variant, plan.strategy))
+
+    def guarded_deployment_state(self, handle, *, variant):  # type: ignore[no-untyped-def]
+        self._act("guarded_state")
+        state = self.outcome.pop(0) if len(self.outcome) > 1 else self.outcome[0]
+        return state, {"rolled_back": "alarms in ALARM: errors", "succeeded": "done"}.get(state, "walking")
+
+
+def _guarded(outcome: list[str], **plan: Any) -> dict[str, Any]:
+    register_platform("guarded", GuardedEndpoints)
+    GuardedEndpoints.outcome = list(outcome)
+    parsed = RolloutPlan.parse(
+        {"strategy": "canary", "traffic_steps": [10, 100], "bake_seconds": 0, "native_guardrails": True, **plan}
+    )
+    handle = deployment_platform("guarded").deploy("ep", model_uri="/m/v2", variant="v2", plan=parsed)
+    return {
+        "platform": "guarded",
+        "platform_kwargs": {},
+        "handle": handle.to_dict(),
+        "plan": parsed.to_dict(),
+        "variant": "v2",
+        "model_uri": "/m/v2",
+        "url": "mem://",
+    }
+
+
+def test_a_guarded_deployment_is_started_once_watched_and_finished(memory_platform):
+    result = _operator(_guarded(["in_progress", "in_progress", "succeeded"])).execute(_context())
+    assert result["state"] == "succeeded"
+    calls = [c[0] for c in MemoryEndpoints.calls]
+    assert calls.count("start_guarded") == 1 and "set_traffic" not in calls  # the platform moved the traffic
+    assert calls.count("guarded_state") == 3 and calls[-1] == "finish"
+
+
+def test_a_guarded_deployment_the_platform_rolled_back_fails_the_task_with_its_reason(memory_platform):
+    with pytest.raises(AirflowFailException, match="alarms in ALARM: errors.*rolled back"):
+        _operator(_guarded(["in_progress", "rolled_back"])).execute(_context())
+    assert ("rollback", ("v2", {"v1": 100.0})) in MemoryEndpoints.calls  # our cleanup after the platform's
+    assert deployment_platform("guarded").get_rollout_record("ep").state == "rolled_back"
+
+
+def test_a_retry_watches_the_guarded_deployment_it_started(memory_platform):
+    rollout = _guarded(["in_progress"])
+    with pytest.raises(TaskDeferred):
+        _operator(rollout, deferrable=True).execute(_context())
+    GuardedEndpoints.outcome = ["succeeded"]
+    assert _operator(rollout).execute(_context())["state"] == "succeeded"  # re-attached, not started again
+    assert [c[0] for c in MemoryEndpoints.calls].count("start_guarded") == 1
+
+
+def test_native_guardrails_are_refused_where_the_platform_has_none(memory_platform):
+    rollout = _rollout()
+    rollout["plan"] = RolloutPlan.parse({"strategy": "blue_green", "native_guardrails": True}).to_dict()
+    with pytest.raises(AirflowFailException, match="no guarded deployment of its own"):
+        _operator(rollout).execute(_context())
