@@ -56,6 +56,8 @@ dag = reference_pipeline(
             description="SageMaker's blue/green update with alarm rollback walks the rollout (canary steps [x, 100])",
         ),
         # CloudWatch keeps endpoint metrics per minute: a step needs at least a minute of numbers.
-        "bake_seconds": Param(300, type="number", minimum=60, description="how long each rollout step is watched"),
+        "bake_seconds": Param(
+            300, type="number", minimum=0, description="how long each rollout step is watched (CloudWatch: per minute)"
+        ),
     },
 )

@@ -219,7 +219,7 @@ class ValidateDatasetOperator(LLMOpsBaseOperator):
         from airflow_llmops.ml.data.validate import validate_dataset
 
         spec: ValidationSpec = _spec(ValidationSpec, self.validation)
-        folder = as_storage_path(self.dataset_uri, self.dataset_conn_id or self.artifact_conn_id)
+        folder = as_storage_path(self.dataset_uri, self.dataset_conn_id or self.artifact_connection())
         frame, manifest = self._load(folder)
         report = folder / "validation" / "report"
         with tempfile.TemporaryDirectory(prefix="llmops-gx-") as tmp:

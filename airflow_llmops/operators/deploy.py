@@ -51,6 +51,7 @@ class DeployModelOperator(LLMOpsBaseOperator):
         "variant",
         "mlflow_tracking_uri",
         "endpoints_root",
+        "platform_options",
     )
     operator_extra_links = (EndpointLink(),)
     ui_color = "#fce4ec"

@@ -58,6 +58,7 @@ class TrainModelOperator(LLMOpsBaseOperator):
         "dataset_uri",
         "mlflow_tracking_uri",
         "jobs_root",
+        "platform_options",
     )
     operator_extra_links = (MLflowRunLink(),)
     ui_color = "#f0e6ff"

@@ -75,14 +75,80 @@ def _local_case(dataset: Path) -> Case:
     )
 
 
+STANDIN_CONN = "llmops_standin_aws"
+
+
+def _sagemaker_case(dataset: Path, standin: Any) -> Case:
+    """SageMaker against the stand-in: real training containers (the runtime in SageMaker's layout), real model
+    servers behind InvokeEndpoint, CloudWatch numbers from real requests."""
+    from test_serving_models import build_classifier
+
+    data_uri = standin.upload_folder(dataset, "data/conformance")
+    model_uri = standin.upload_model(build_classifier(), "models/conformance/model.tar.gz")
+    settings = {
+        "aws_conn_id": STANDIN_CONN,
+        "role_arn": standin.role_arn,
+        "image_uri": "123456789012.dkr.ecr.us-east-1.amazonaws.com/airflow-llmops-runtime:test",
+        "s3_prefix": standin.s3_uri("llmops"),
+        "instance_type": "ml.m5.large",
+        "poll_s": 0.2,
+        "wait_timeout_s": 300.0,
+        "max_attempts": 2,
+    }
+
+    def spec(**overrides: Any) -> TrainingSpec:
+        base = {
+            "dataset_uri": data_uri,
+            "max_steps": 6,
+            "per_device_batch_size": 8,
+            "max_seq_length": 32,
+            "checkpoint_every_steps": 3,
+            "log_every_steps": 2,
+            "distributed": {"nproc_per_node": 1},
+        }
+        if "dataset_uri" in overrides:  # a local path the suite made up: the same name under the bucket, absent
+            overrides["dataset_uri"] = standin.s3_uri(f"data/{Path(str(overrides['dataset_uri'])).name}")
+        return TrainingSpec.parse({**base, **overrides})
+
+    def send(handle: EndpointHandle, n: int) -> list[int]:
+        return [standin.invoke(handle.endpoint_name, {"inputs": f"do you like pizza {i}?"})[0] for i in range(n)]
+
+    return Case(
+        name="sagemaker",
+        make=lambda root: get_platform("sagemaker", **settings),
+        spec=spec,
+        model_uri=lambda: model_uri,
+        send=send,
+        stop=lambda platform, endpoint: platform.stop_endpoint(endpoint),
+    )
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return prepare_chatterbot(tmp_path_factory.mktemp("conformance-data"), topics="ai,food,greetings,money")
 
 
-@pytest.fixture(scope="module", params=["local"])
+@pytest.fixture(scope="module")
+def sagemaker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import json
+    import os
+
+    from standins.sagemaker import SageMakerStandIn
+
+    with SageMakerStandIn(tmp_path_factory.mktemp("sagemaker"), container_env={"OMP_NUM_THREADS": "1"}) as standin:
+        os.environ[f"AIRFLOW_CONN_{STANDIN_CONN.upper()}"] = json.dumps(standin.connection())
+        try:
+            yield standin
+        finally:
+            os.environ.pop(f"AIRFLOW_CONN_{STANDIN_CONN.upper()}", None)
+            assert standin.errors == [], standin.errors
+
+
+@pytest.fixture(scope="module", params=["local", "sagemaker"])
 def case(request: pytest.FixtureRequest, dataset: Path) -> Case:
-    return {"local": _local_case}[request.param](dataset)
+    if request.param == "sagemaker":
+        return _sagemaker_case(dataset, request.getfixturevalue("sagemaker"))
+    return _local_case(dataset)
 
 
 @pytest.fixture(scope="module")

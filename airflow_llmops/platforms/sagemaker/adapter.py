@@ -228,6 +228,7 @@ class SageMaker:
     def _wait(self, endpoint: str, *, what: str) -> dict[str, Any]:
         """Until the endpoint is ``InService``; a ``Failed`` endpoint or the time limit is a DeploymentError."""
         deadline = time.monotonic() + self.settings.wait_timeout_s
+        pause = min(1.0, self.settings.poll_s)
         while True:
             ep = self._describe_endpoint(endpoint)
             if ep is None:
@@ -241,7 +242,8 @@ class SageMaker:
                 raise DeploymentError(
                     f"endpoint {endpoint} still {status} after {self.settings.wait_timeout_s:g}s while {what}"
                 )
-            time.sleep(self.settings.poll_s)
+            time.sleep(pause)  # quick changes (weights) are seen at once, slow ones (a new fleet) polled gently
+            pause = min(self.settings.poll_s, pause * 1.5)
 
     def _variants(self, ep: Mapping[str, Any]) -> list[Variant]:
         """The endpoint's variants: models and fleets from its config, weights as they are now."""
