@@ -165,6 +165,7 @@ def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any) -> 
     v2 = rolled2["variant"]
     assert rolled2["state"] == "succeeded" and [s["status"] for s in rolled2["steps"]] == ["passed", "passed"]
     assert rolled2["steps"][0]["new"]["requests"] >= 4  # judged on real requests
+    assert rolled2["steps"][0]["old"]["variant"] == v1 and rolled2["steps"][0]["old"]["requests"] > 0
     platform = _platform()
     handle = EndpointHandle(platform="sagemaker", endpoint_name=ENDPOINT)
     assert platform.get_traffic(handle) == {v2: 100.0}
@@ -209,9 +210,7 @@ def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any) -> 
 
     firing = threading.Thread(target=fire, daemon=True)
     firing.start()
-    run5, _ = _rollout(
-        {"model_uri": uri5, "traffic_steps": [10, 100], "native_guardrails": True, "bake_seconds": 20}
-    )
+    run5, _ = _rollout({"model_uri": uri5, "traffic_steps": [10, 100], "native_guardrails": True, "bake_seconds": 20})
     firing.join(timeout=5)
     assert run5.state == "failed"
     record = platform.get_rollout_record(ENDPOINT)
