@@ -13,7 +13,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_llmops.jsonfiles import read_json_object
 from airflow_llmops.links.mlflow import MLflowRunLink, mlflow_run_url
-from airflow_llmops.operators.base import LLMOpsBaseOperator
+from airflow_llmops.operators.base import LLMOpsBaseOperator, cloud_platform_kwargs
 from airflow_llmops.operators.training import default_local_jobs_root, default_mlflow_tracking_uri
 from airflow_llmops.processes import ProcessRecord, child_env
 from airflow_llmops.specs import SpecValidationError
@@ -35,11 +35,16 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
     count). With MLflow configured the study is a run with one child run per trial. Returns ``best_params``,
     ``best_value``, ``best_training_spec`` (ready for :class:`TrainModelOperator`) and the best trial's model.
 
-    Runs on the ``local`` platform (trials in one process each, one after the other).
+    On ``local`` the trials run one after the other in one process each. On ``sagemaker`` the study is a
+    SageMaker hyperparameter tuning job: one training job per trial (the runtime applies each trial's values to the
+    spec), the metric read from each trial's log, ``sampler="tpe"`` as SageMaker's Bayesian strategy and the median
+    pruner as its automatic early stopping; a retry re-attaches to the job by name, killing the task stops it.
 
     :param spec: :class:`~airflow_llmops.specs.TuningSpec` (or a mapping / JSON of one; templated).
     :param dataset_uri: prepared dataset folder, overriding ``spec.training.dataset_uri`` (templated).
     :param mlflow_tracking_uri: as for :class:`TrainModelOperator` (templated).
+    :param platform_options: the cloud adapter's settings, as for :class:`TrainModelOperator` (templated).
+    :param poll_interval: seconds between status checks of a cloud tuning job.
     """
 
     template_fields: Sequence[str] = (
@@ -48,6 +53,7 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
         "dataset_uri",
         "mlflow_tracking_uri",
         "jobs_root",
+        "platform_options",
     )
     operator_extra_links = (MLflowRunLink(),)
     ui_color = "#ead9ff"
@@ -59,9 +65,14 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
         dataset_uri: str | None = None,
         mlflow_tracking_uri: str | None = None,
         jobs_root: str | None = None,
+        platform_options: Mapping[str, Any] | None = None,
+        poll_interval: float = 30.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.platform_options = dict(platform_options or {})
+        self.poll_interval = poll_interval
+        self._cloud: tuple[Any, str] | None = None
         self.spec = spec
         self.dataset_uri = dataset_uri
         self.mlflow_tracking_uri = mlflow_tracking_uri
@@ -70,6 +81,13 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
         self._record: ProcessRecord | None = None
 
     def tuning_spec(self) -> TuningSpec:
+        spec = self._parsed_spec()
+        # The study's trial processes read local files: a dataset on a remote artifact root is staged here.
+        local = str(self.stage_in(str(spec.training.dataset_uri), "dataset"))
+        training = spec.training.model_copy(update={"dataset_uri": local})
+        return spec.model_copy(update={"training": training})
+
+    def _parsed_spec(self) -> TuningSpec:
         from airflow_llmops.specs.tuning import TuningSpec
 
         try:
@@ -81,14 +99,16 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
             spec = spec.model_copy(update={"training": training})
         if not spec.training.dataset_uri:
             raise AirflowFailException(f"{self.task_id}: no dataset; set dataset_uri or spec.training.dataset_uri")
-        # The study's trial processes read local files: a dataset on a remote artifact root is staged here.
-        local = str(self.stage_in(spec.training.dataset_uri, "dataset"))
-        training = spec.training.model_copy(update={"dataset_uri": local})
-        return spec.model_copy(update={"training": training})
+        return spec
 
     def execute(self, context: Context) -> dict[str, Any]:
-        if self.check_platform() != "local":
-            raise AirflowFailException(f"{self.task_id}: tuning runs on the local platform only, not {self.platform!r}")
+        platform = self.check_platform()
+        if platform == "sagemaker":
+            return self._execute_sagemaker(context)
+        if platform != "local":
+            raise AirflowFailException(
+                f"{self.task_id}: tuning runs on the local and sagemaker platforms, not {self.platform!r}"
+            )
         spec = self.tuning_spec()
         job_name = self.job_name(context)
         job_dir = Path(str(self.jobs_root or default_local_jobs_root()).removeprefix("file://")) / job_name
@@ -121,6 +141,55 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
             "job_name": job_name,
         }
 
+    def _execute_sagemaker(self, context: Context) -> dict[str, Any]:
+        import time
+
+        from airflow_llmops.platforms import get_platform, job_name_for
+
+        spec = self._parsed_spec()
+        tracking = self.mlflow_tracking_uri if self.mlflow_tracking_uri is not None else default_mlflow_tracking_uri()
+        kwargs = cloud_platform_kwargs(
+            "sagemaker",
+            self.platform_conn_id,
+            self.platform_options,
+            env={"MLFLOW_TRACKING_URI": tracking} if tracking else None,
+        )
+        job_name = job_name_for(context["dag"].dag_id, context["run_id"], self.task_id, max_length=32)
+        try:
+            platform = get_platform("sagemaker", **kwargs)
+            started = platform.submit_tuning(spec, job_name=job_name)
+        except ValueError as err:  # a setting or a search space SageMaker refuses, before any job starts
+            raise AirflowFailException(f"{self.task_id}: {err}") from None
+        self._cloud = (platform, job_name)
+        self.log.info("SageMaker tuning job %s: %s", job_name, started["console_url"])
+        last = None
+        while True:
+            status = platform.tuning_status(job_name)
+            line = (status.get("counters"), (status.get("best") or {}).get("value"))
+            if line != last:
+                self.log.info("%s: trials %s, best %s so far", job_name, *line)
+                last = line
+            if status["state"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(self.poll_interval)
+        best = status.get("best")
+        if status["state"] != "succeeded" or not best or best.get("value") is None:
+            raise AirflowException(f"tuning job {job_name} {status['state']}: {status['message']} (best: {best})")
+        params = _typed_params(spec, best["params"])
+        trials = platform.tuning_trials(job_name)
+        self.log.info("Best %s %.4g with %s", spec.metric, float(best["value"]), params)
+        return {
+            "metric": spec.metric,
+            "direction": spec.resolved_direction,
+            "best_value": float(best["value"]),
+            "best_params": params,
+            "best_training_spec": spec.trial_training(params).to_dict(),
+            "best_training_job": best["training_job"],
+            "trials": [{**t, "params": _typed_params(spec, t["params"])} for t in trials][:_XCOM_TRIALS],
+            "job_name": job_name,
+            "console_url": started["console_url"],
+        }
+
     def _stream(self, argv: list[str], env: dict[str, str]) -> int:
         """Run the study, copying its output into the task log line by line."""
         self._proc = subprocess.Popen(
@@ -142,6 +211,11 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
         return self._proc.wait()
 
     def on_kill(self) -> None:
+        if self._cloud is not None:
+            platform, job_name = self._cloud
+            self.log.info("Stopping SageMaker tuning job %s", job_name)
+            platform.stop_tuning(job_name)
+            return
         # poll(), not the record, says whether it runs: it reaps the study for execute()'s wait() to see its code.
         if self._proc is None or self._record is None or self._proc.poll() is not None:
             return
@@ -149,3 +223,22 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
         self._record.stop(grace=15)  # SIGTERM to its process group, SIGKILL after 15 s
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=5)
+
+
+def _typed_params(spec: TuningSpec, values: Mapping[str, Any]) -> dict[str, Any]:
+    """A cloud's tuned values (strings) as the search space's types."""
+    import json
+
+    out: dict[str, Any] = {}
+    for name, raw in values.items():
+        rng = spec.search_space.get(name)
+        if rng is None:
+            continue
+        if rng.type == "int":
+            out[name] = int(float(raw))
+        elif rng.type == "float":
+            out[name] = float(raw)
+        else:
+            choices = {json.dumps(c) if not isinstance(c, str) else c: c for c in rng.choices or []}
+            out[name] = choices.get(str(raw), raw)
+    return out

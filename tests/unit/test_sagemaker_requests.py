@@ -158,3 +158,79 @@ def test_weights_as_percent() -> None:
     assert R.percent({"a": 1.0, "b": 3.0}) == {"a": 25.0, "b": 75.0}
     assert R.percent({"a": 0.0}) == {"a": 0.0}
     assert json.dumps(R.percent({"v1": 90, "v2": 10})) == '{"v1": 90.0, "v2": 10.0}'
+
+
+def _tuning(**overrides: object):  # type: ignore[no-untyped-def]
+    from airflow_llmops.specs.tuning import TuningSpec
+
+    return TuningSpec.parse(
+        {
+            "training": {"dataset_uri": "s3://bucket/data/prepared", "max_steps": 20},
+            "search_space": {
+                "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+                "per_device_batch_size": {"type": "int", "low": 8, "high": 32},
+                "lora.r": {"type": "categorical", "choices": [4, 8]},
+            },
+            "n_trials": 6,
+            "timeout_s": 3600,
+            **overrides,
+        }
+    )
+
+
+def test_a_tuning_spec_becomes_a_sagemaker_tuning_job() -> None:
+    req = R.tuning_job_request(_tuning(), job_name="llmops-tune-abc", settings=SETTINGS)
+    config = req["HyperParameterTuningJobConfig"]
+    assert config["Strategy"] == "Bayesian" and config["TrainingJobEarlyStoppingType"] == "Auto"
+    assert config["HyperParameterTuningJobObjective"] == {"Type": "Maximize", "MetricName": "eval_accuracy"}
+    assert config["ResourceLimits"] == {
+        "MaxNumberOfTrainingJobs": 6,
+        "MaxParallelTrainingJobs": 1,
+        "MaxRuntimeInSeconds": 3600,
+    }
+    ranges = config["ParameterRanges"]
+    assert ranges["ContinuousParameterRanges"] == [
+        {"Name": "learning_rate", "MinValue": "1e-05", "MaxValue": "0.001", "ScalingType": "Logarithmic"}
+    ]
+    assert ranges["IntegerParameterRanges"][0] == {
+        "Name": "per_device_batch_size",
+        "MinValue": "8",
+        "MaxValue": "32",
+        "ScalingType": "Linear",
+    }
+    assert ranges["CategoricalParameterRanges"] == [{"Name": "lora.r", "Values": ["4", "8"]}]
+    definition = req["TrainingJobDefinition"]
+    assert TrainingSpec.from_json(definition["StaticHyperParameters"]["llmops_spec"]).max_steps == 20
+    [metric] = definition["AlgorithmSpecification"]["MetricDefinitions"]
+    import re
+
+    line = '[llmops-result] {"metrics": {"eval_accuracy": 0.8125, "eval_loss": 0.61}, "mlflow_run_id": "x"}'
+    assert re.search(metric["Regex"], line).group(1) == "0.8125"  # the training's result line in the job's log
+    minimise = R.tuning_job_request(
+        _tuning(metric="eval_loss", sampler="random", pruner="none"), job_name="t", settings=SETTINGS
+    )
+    assert minimise["HyperParameterTuningJobConfig"]["HyperParameterTuningJobObjective"]["Type"] == "Minimize"
+    assert minimise["HyperParameterTuningJobConfig"]["Strategy"] == "Random"
+
+
+def test_tuning_requests_sagemaker_cannot_run_are_refused() -> None:
+    with pytest.raises(SageMakerConfigError, match="32 characters"):
+        R.tuning_job_request(_tuning(), job_name="x" * 33, settings=SETTINGS)
+    with pytest.raises(SageMakerConfigError, match="initial_trials"):
+        R.tuning_job_request(_tuning(initial_trials=[{"learning_rate": 1e-4}]), job_name="t", settings=SETTINGS)
+    grid = {"learning_rate": {"type": "float", "low": 0.1, "high": 0.5, "step": 0.1}}
+    with pytest.raises(SageMakerConfigError, match="no step"):
+        R.tuning_job_request(_tuning(search_space=grid), job_name="t", settings=SETTINGS)
+
+
+def test_the_runtime_applies_a_trials_values_to_the_spec() -> None:
+    from airflow_llmops.ml.runtime import ContractError, apply_tuned
+
+    spec = _spec(max_steps=10)
+    tuned = apply_tuned(spec, {"learning_rate": "0.0003", "per_device_batch_size": "16", "lora.r": "8"})
+    assert tuned.learning_rate == 0.0003 and tuned.per_device_batch_size == 16
+    assert tuned.lora is not None and tuned.lora.r == 8 and tuned.max_steps == 10
+    with pytest.raises(ContractError, match="not a TrainingSpec field"):
+        apply_tuned(spec, {"learning_rat": "0.1"})
+    with pytest.raises(ContractError, match="invalid TrainingSpec"):
+        apply_tuned(spec, {"learning_rate": "7"})

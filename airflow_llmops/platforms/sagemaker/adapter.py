@@ -216,6 +216,80 @@ class SageMaker:
                         continue
         return {}
 
+    # == hyperparameter tuning =================================================================================
+    def submit_tuning(self, tuning: Any, *, job_name: str) -> dict[str, Any]:
+        """Start (or find, on a retry) the tuning job for a :class:`~airflow_llmops.specs.tuning.TuningSpec`."""
+        request = R.tuning_job_request(tuning, job_name=job_name, settings=self.settings)
+        sm = self.client("sagemaker")
+        if self._describe_tuning(job_name) is None:
+            try:
+                sm.create_hyper_parameter_tuning_job(**request)
+            except Exception as err:
+                if "ResourceInUse" not in str(err) and "already exists" not in str(err):
+                    raise
+        return {"job_name": job_name, "console_url": self._console(f"hyper-tuning-jobs/{job_name}")}
+
+    def _describe_tuning(self, job_name: str) -> dict[str, Any] | None:
+        try:
+            return dict(
+                self.client("sagemaker").describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=job_name)
+            )
+        except Exception as err:
+            if _missing(err):
+                return None
+            raise
+
+    def tuning_status(self, job_name: str) -> dict[str, Any]:
+        """``state`` (a JobState value), ``message``, the trial counters and the best trial so far."""
+        job = self._describe_tuning(job_name)
+        if job is None:
+            return {"state": JobState.FAILED.value, "message": f"tuning job {job_name} does not exist"}
+        status = job.get("HyperParameterTuningJobStatus")
+        state = {
+            "Completed": JobState.SUCCEEDED,
+            "Failed": JobState.FAILED,
+            "Stopped": JobState.CANCELLED,
+        }.get(str(status), JobState.RUNNING)
+        best = job.get("BestTrainingJob") or {}
+        objective = best.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
+        return {
+            "state": state.value,
+            "message": str(job.get("FailureReason") or status),
+            "counters": job.get("TrainingJobStatusCounters") or {},
+            "objectives": job.get("ObjectiveStatusCounters") or {},
+            "best": {
+                "training_job": best.get("TrainingJobName"),
+                "params": dict(best.get("TunedHyperParameters") or {}),
+                "value": objective.get("Value"),
+            }
+            if best
+            else None,
+        }
+
+    def tuning_trials(self, job_name: str) -> list[dict[str, Any]]:
+        sm = self.client("sagemaker")
+        found = sm.list_training_jobs_for_hyper_parameter_tuning_job(
+            HyperParameterTuningJobName=job_name, MaxResults=100
+        )
+        trials = []
+        for item in found.get("TrainingJobSummaries", []):
+            metric = item.get("FinalHyperParameterTuningJobObjectiveMetric") or {}
+            trials.append(
+                {
+                    "training_job": item.get("TrainingJobName"),
+                    "status": item.get("TrainingJobStatus"),
+                    "params": dict(item.get("TunedHyperParameters") or {}),
+                    "value": metric.get("Value"),
+                }
+            )
+        return trials
+
+    def stop_tuning(self, job_name: str) -> None:
+        job = self._describe_tuning(job_name)
+        if job is None or job.get("HyperParameterTuningJobStatus") != "InProgress":
+            return
+        self.client("sagemaker").stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=job_name)
+
     # == deployment ============================================================================================
     def _describe_endpoint(self, endpoint: str) -> dict[str, Any] | None:
         try:

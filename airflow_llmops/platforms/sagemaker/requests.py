@@ -69,6 +69,7 @@ class SageMakerSettings:
     wait_timeout_s: float = 3600.0
     poll_s: float = 15.0
     max_attempts: int = 5
+    max_parallel_trials: int = 1
 
     def require(self, *names: str) -> None:
         """Refuse, before any API call, settings the operation needs and does not have (or has wrong)."""
@@ -364,3 +365,89 @@ def slo_alarms(endpoint: str, variant: str, plan: RolloutPlan) -> list[dict[str,
             **common,
         },
     ]
+
+
+def metric_regex(name: str) -> str:
+    """How SageMaker finds ``name`` in a training job's log: the training's result line (``[llmops-result] {...}``,
+    JSON with the final metrics) holds ``"<name>": <value>``."""
+    return f'"{re.escape(name)}": ([-+0-9.eE]+)'
+
+
+def tuning_job_request(tuning: Any, *, job_name: str, settings: SageMakerSettings) -> dict[str, Any]:
+    """``CreateHyperParameterTuningJob`` for a :class:`~airflow_llmops.specs.tuning.TuningSpec`: its search space
+    as parameter ranges (applied by the runtime to the spec, dotted names for nested fields), its metric as the
+    objective read from each trial's log, ``n_trials`` / ``timeout_s`` as resource limits, the TPE sampler as
+    SageMaker's Bayesian strategy and the median pruner as its automatic early stopping."""
+    if len(job_name) > 32:
+        raise SageMakerConfigError(f"tuning job name {job_name!r} is longer than SageMaker's 32 characters")
+    check_name(job_name, "tuning job name")
+    if tuning.initial_trials:
+        raise SageMakerConfigError(
+            "initial_trials cannot be given to a SageMaker tuning job (it warm-starts only from earlier tuning jobs); "
+            "remove them or tune on the local platform"
+        )
+    training = training_job_request(tuning.training, job_name=job_name, settings=settings)
+    continuous: list[dict[str, Any]] = []
+    integer: list[dict[str, Any]] = []
+    categorical: list[dict[str, Any]] = []
+    for name, rng in sorted(tuning.search_space.items()):
+        if rng.type == "categorical":
+            categorical.append(
+                {"Name": name, "Values": [json.dumps(v) if not isinstance(v, str) else v for v in rng.choices]}
+            )
+            continue
+        if rng.step is not None:
+            raise SageMakerConfigError(
+                f"search_space.{name}: SageMaker ranges have no step; use a categorical range of the grid values"
+            )
+        entry = {
+            "Name": name,
+            "MinValue": str(int(rng.low) if rng.type == "int" else rng.low),
+            "MaxValue": str(int(rng.high) if rng.type == "int" else rng.high),
+            "ScalingType": "Logarithmic" if rng.log else "Linear",
+        }
+        (integer if rng.type == "int" else continuous).append(entry)
+    limits: dict[str, Any] = {
+        "MaxNumberOfTrainingJobs": tuning.n_trials,
+        "MaxParallelTrainingJobs": min(settings.max_parallel_trials, tuning.n_trials),
+    }
+    if tuning.timeout_s:
+        limits["MaxRuntimeInSeconds"] = int(tuning.timeout_s)
+    algorithm = dict(training["AlgorithmSpecification"])
+    algorithm["MetricDefinitions"] = [{"Name": tuning.metric, "Regex": metric_regex(tuning.metric)}]
+    definition = {
+        key: training[key]
+        for key in (
+            "RoleArn",
+            "InputDataConfig",
+            "OutputDataConfig",
+            "ResourceConfig",
+            "StoppingCondition",
+            "Environment",
+            "EnableManagedSpotTraining",
+        )
+        if key in training
+    }
+    return {
+        "HyperParameterTuningJobName": job_name,
+        "HyperParameterTuningJobConfig": {
+            "Strategy": "Bayesian" if tuning.sampler == "tpe" else "Random",
+            "HyperParameterTuningJobObjective": {
+                "Type": "Maximize" if tuning.resolved_direction == "maximize" else "Minimize",
+                "MetricName": tuning.metric,
+            },
+            "ResourceLimits": limits,
+            "ParameterRanges": {
+                "ContinuousParameterRanges": continuous,
+                "IntegerParameterRanges": integer,
+                "CategoricalParameterRanges": categorical,
+            },
+            "TrainingJobEarlyStoppingType": "Auto" if tuning.pruner == "median" else "Off",
+        },
+        "TrainingJobDefinition": {
+            **definition,
+            "AlgorithmSpecification": algorithm,
+            "StaticHyperParameters": training["HyperParameters"],
+        },
+        "Tags": tags(settings, job=job_name),
+    }
