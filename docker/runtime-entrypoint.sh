@@ -1,38 +1,36 @@
 #!/usr/bin/env bash
 # Entry point of the runtime image (docker/runtime.Dockerfile) for SageMaker, Vertex AI and Azure ML jobs.
+# tini runs it as PID 1's child, so SIGTERM (a stopped job, a reclaimed spot instance) reaches the runtime.
 #
-#   train [ARGS...]  -> python -m airflow_llmops.ml.train ARGS...
-#                       (SageMaker starts training containers as `<image> train`)
-#   serve [ARGS...]  -> airflow-llmops serve --host HOST --port PORT ARGS...
-#                       (SageMaker starts serving containers as `<image> serve` and sends traffic to 8080;
-#                        Vertex AI passes the port in AIP_HTTP_PORT)
+#   train            -> python -m airflow_llmops.ml.runtime train
+#                       (SageMaker starts training containers as `<image> train`: spec from the hyperparameter
+#                        llmops_spec, data from /opt/ml/input/data/dataset, torchrun over the job's hosts)
+#   serve [ARGS...]  -> python -m airflow_llmops.ml.runtime serve ARGS...  (also the default: no arguments)
+#                       (SageMaker starts serving containers as `<image> serve`: the model in /opt/ml/model,
+#                        /ping and /invocations on port 8080)
 #   anything else    -> run as given (bash, python ..., torchrun ...)
 #
-# Environment: AIP_HTTP_PORT (Vertex AI) > LLMOPS_SERVE_PORT > 8080; LLMOPS_SERVE_HOST (default 0.0.0.0).
+# Environment: see airflow_llmops/ml/runtime.py. LLMOPS_OPT_ML replaces /opt/ml; serve listens on
+# AIP_HTTP_PORT (Vertex AI) > SAGEMAKER_BIND_TO_PORT > LLMOPS_SERVE_PORT > 8080, host LLMOPS_SERVE_HOST (0.0.0.0).
 set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-usage: runtime-entrypoint.sh train [ARGS...]   train a model (python -m airflow_llmops.ml.train)
-       runtime-entrypoint.sh serve [ARGS...]   serve models over HTTP (airflow-llmops serve)
-       runtime-entrypoint.sh COMMAND [ARGS...] run any other command
+usage: runtime-entrypoint.sh train               run this host's share of a training job (SageMaker contract)
+       runtime-entrypoint.sh [serve [ARGS...]]   serve the model in /opt/ml/model (/ping, /invocations, /v1/...)
+       runtime-entrypoint.sh COMMAND [ARGS...]   run any other command
 USAGE
 }
 
 if [[ $# -eq 0 ]]; then
-  usage >&2
-  exit 64
+  set -- serve
 fi
 
 command="$1"
 shift
 case "$command" in
-  train)
-    exec python -m airflow_llmops.ml.train "$@"
-    ;;
-  serve)
-    port="${AIP_HTTP_PORT:-${LLMOPS_SERVE_PORT:-8080}}"
-    exec airflow-llmops serve --host "${LLMOPS_SERVE_HOST:-0.0.0.0}" --port "$port" "$@"
+  train | serve)
+    exec python -m airflow_llmops.ml.runtime "$command" "$@"
     ;;
   -h | --help | help)
     usage

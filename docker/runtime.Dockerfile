@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
 #
 # Runtime image for cloud training and serving jobs: SageMaker, Vertex AI and Azure ML custom containers.
-# It holds the ML core and the model server (airflow-llmops[local,mlflow,serving]) installed from the same
-# lock as scripts/bootstrap.sh; docker/runtime-entrypoint.sh dispatches `train` and `serve`.
+# It holds the ML core, the model server and the object-store filesystems (airflow-llmops[local,mlflow,serving,
+# storage]: s3fs, gcsfs, adlfs) installed from the same lock as scripts/bootstrap.sh. tini is PID 1 (it reaps
+# torchrun's processes and forwards SIGTERM); docker/runtime-entrypoint.sh hands `train` and `serve` (the default)
+# to airflow_llmops.ml.runtime, which speaks SageMaker's container contract under /opt/ml.
 # Build from the repository root:
 #
 #   docker build -f docker/runtime.Dockerfile -t airflow-llmops-runtime:dev .
@@ -22,6 +24,10 @@ ENV PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/airflow-llmops
 COPY pyproject.toml README.md ./
 COPY requirements/ requirements/
@@ -33,12 +39,13 @@ RUN python -m venv "$VIRTUAL_ENV" \
 COPY airflow_llmops/ airflow_llmops/
 
 RUN --mount=type=cache,target=/root/.cache/uv \
-    UV_LINK_MODE=copy uv pip install -c requirements/lock.txt ".[local,mlflow,serving]" \
- && python -c "import airflow_llmops, torch; print('airflow-llmops', airflow_llmops.__version__, 'torch', torch.__version__)"
+    UV_LINK_MODE=copy uv pip install -c requirements/lock.txt ".[local,mlflow,serving,storage]" \
+ && python -c "import airflow_llmops, torch, s3fs, gcsfs, adlfs; print('airflow-llmops', airflow_llmops.__version__, 'torch', torch.__version__)"
 
 COPY --chmod=0755 docker/runtime-entrypoint.sh /usr/local/bin/runtime-entrypoint.sh
 
 # Runs as root: SageMaker mounts /opt/ml (model, input, output, checkpoints) owned by root and
 # expects the container to write there. SageMaker serving and Vertex AI default to port 8080.
 EXPOSE 8080
-ENTRYPOINT ["/usr/local/bin/runtime-entrypoint.sh"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/runtime-entrypoint.sh"]
+CMD ["serve"]

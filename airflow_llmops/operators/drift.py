@@ -1,9 +1,11 @@
-"""DriftCheckOperator: one window of an endpoint's request log against the training data, and the retrain signal."""
+"""DriftCheckOperator: one window of an endpoint's traffic (its request log, or SageMaker Data Capture) against the
+training data, and the retrain signal."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -14,7 +16,7 @@ from airflow.sdk import Asset, AssetAlias, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_llmops.links.artifacts import DriftReportLink
-from airflow_llmops.operators.base import LLMOpsBaseOperator, as_storage_path, local_folder
+from airflow_llmops.operators.base import LLMOpsBaseOperator, as_storage_path, is_remote, local_folder, stage_in
 from airflow_llmops.operators.training import default_mlflow_tracking_uri
 from airflow_llmops.specs import DriftPolicy, SpecValidationError
 from airflow_llmops.uris import display_uri
@@ -22,7 +24,15 @@ from airflow_llmops.uris import display_uri
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_llmops.ml.drift import DriftResult
+    from airflow_llmops.ml.drift import CaptureWindow, DriftResult, Window
+
+
+_YEAR = re.compile(r"^\d{4}$")
+
+
+def _given(value: Any) -> bool:
+    """A templated URI that rendered to something (``""`` and ``"None"`` are what an absent param renders to)."""
+    return value is not None and str(value).strip() not in ("", "None")
 
 
 def drift_asset(model: str) -> Asset:
@@ -79,6 +89,11 @@ class DriftCheckOperator(LLMOpsBaseOperator):
     :param model_name: names the drift Asset ``x-llmops://<model_name>/drift``.
     :param reference_uri: prepared dataset folder (``manifest.json``, ``train.parquet``; templated).
     :param request_log_uri: folder of the endpoint's ``requests-*.jsonl`` files (templated).
+    :param capture_uri: instead of a request log, SageMaker Data Capture (templated): the folder of one endpoint
+        (``<DestinationS3Uri>/<endpoint>``, all its variants) or of one variant (``.../<endpoint>/<variant>``), on
+        ``s3://`` (read through the artifact connection) or local. Only the hour folders of the window are staged
+        (:mod:`airflow_llmops.ml.drift.capture`). Data Capture records no latency, so the latency check is skipped;
+        the cooldown state defaults to ``<artifact_root>/drift-state.json``.
     :param endpoint_name: a local endpoint whose log to read when ``request_log_uri`` is not given (templated):
         ``<[llmops] local_endpoints_root>/<endpoint_name>/requests``.
     :param policy: :class:`DriftPolicy`, a mapping or JSON of one (templated).
@@ -97,6 +112,7 @@ class DriftCheckOperator(LLMOpsBaseOperator):
         "model_name",
         "reference_uri",
         "request_log_uri",
+        "capture_uri",
         "endpoint_name",
         "policy",
         "window_end",
@@ -113,6 +129,7 @@ class DriftCheckOperator(LLMOpsBaseOperator):
         model_name: str,
         reference_uri: str,
         request_log_uri: str | None = None,
+        capture_uri: str | None = None,
         endpoint_name: str | None = None,
         policy: DriftPolicy | Mapping[str, Any] | str | None = None,
         window_end: Any = None,
@@ -129,6 +146,7 @@ class DriftCheckOperator(LLMOpsBaseOperator):
         self.model_name = model_name
         self.reference_uri = reference_uri
         self.request_log_uri = request_log_uri
+        self.capture_uri = capture_uri
         self.endpoint_name = endpoint_name
         self.policy = policy
         self.window_end = window_end
@@ -154,6 +172,12 @@ class DriftCheckOperator(LLMOpsBaseOperator):
             self.request_log_uri = f"{default_endpoints_root().rstrip('/')}/{self.endpoint_name}/requests"
         return as_storage_path(str(self.request_log_uri), self.artifact_connection())
 
+    def _state_path(self) -> ObjectStoragePath:
+        """``state_uri``; else beside the request log, or ``<artifact_root>/drift-state.json`` for Data Capture."""
+        if not self.state_uri and self._uses_capture():
+            return self.artifact_base() / "drift-state.json"
+        return self._beside_log("drift-state.json", self.state_uri)
+
     def _beside_log(self, name: str, override: str | None) -> ObjectStoragePath:
         if override:
             return as_storage_path(override, self.artifact_connection())
@@ -172,6 +196,56 @@ class DriftCheckOperator(LLMOpsBaseOperator):
                 if item.name.startswith("requests-") and item.name.endswith(".jsonl"):
                     (target / item.name).write_bytes(item.read_bytes())
         return target
+
+    def _uses_capture(self) -> bool:
+        if not _given(self.capture_uri):
+            return False
+        if _given(self.request_log_uri):
+            raise AirflowFailException(
+                f"{self.task_id}: give request_log_uri or capture_uri, not both (got {self.request_log_uri!r} and "
+                f"{self.capture_uri!r})"
+            )
+        return True
+
+    def _capture_window(self, workdir: Path, start: float, end: float) -> CaptureWindow:
+        """The window's Data Capture records; from a remote store, only the window's hour folders are staged."""
+        from airflow_llmops.ml.drift import read_capture_window
+        from airflow_llmops.ml.drift.capture import SUFFIX, hour_prefixes
+
+        uri = str(self.capture_uri).rstrip("/")
+        if not is_remote(uri):
+            return read_capture_window(stage_in(uri), start, end)
+        conn = self.artifact_connection()
+        root = as_storage_path(uri, conn)
+        try:
+            children = [child for child in root.iterdir() if child.is_dir()]
+        except FileNotFoundError:
+            children = []
+        if any(_YEAR.match(child.name) for child in children):  # a variant's folder: yyyy/mm/dd/hh below it
+            variants = {root.name: uri}
+        else:
+            variants = {child.name: f"{uri}/{child.name}" for child in children}
+        local = workdir / "capture"
+        staged = 0
+        for variant, variant_uri in sorted(variants.items()):
+            for prefix in hour_prefixes(start, end):
+                try:
+                    folder = stage_in(f"{variant_uri}/{prefix}", conn)
+                except FileNotFoundError:  # no traffic captured in that hour
+                    continue
+                target = local / variant / prefix
+                target.mkdir(parents=True, exist_ok=True)
+                for file in folder.glob(f"*{SUFFIX}"):
+                    (target / file.name).symlink_to(file)
+                staged += 1
+        self.log.info(
+            "Data Capture: %d hour folder(s) of %d variant(s) %s staged from %s",
+            staged,
+            len(variants),
+            sorted(variants),
+            uri,
+        )
+        return read_capture_window(local, start, end)
 
     def _window_end(self, context: Context) -> float:
         end = _timestamp(self.window_end)
@@ -218,10 +292,12 @@ class DriftCheckOperator(LLMOpsBaseOperator):
 
     # ---- run ---------------------------------------------------------------------------------------------------
     def execute(self, context: Context) -> dict[str, Any]:
-        from airflow_llmops.ml.drift import DriftError, compute_drift, load_reference, read_window
+        from airflow_llmops.ml.drift import CheckResult, DriftError, compute_drift, load_reference, read_window
 
         policy = self._policy()
-        self._log_path()  # resolves request_log_uri
+        capture = self._uses_capture()
+        if not capture:
+            self._log_path()  # resolves request_log_uri
         end = self._window_end(context)
         start = end - policy.window_minutes * 60
         out = self.run_folder(context) / "drift"
@@ -231,12 +307,22 @@ class DriftCheckOperator(LLMOpsBaseOperator):
                 reference = load_reference(self.stage_in(str(self.reference_uri), "reference dataset"))
             except DriftError as err:
                 raise AirflowFailException(f"{self.task_id}: {err}") from None
-            log = self._local_log(work)
-            window = read_window(log, start, end)
             baseline: list[float] = []
             baseline_uri = ""
-            if "latency" in policy.checks:
-                baseline, baseline_uri = self._latency_baseline(log, start, policy)
+            window: Window
+            if capture:
+                window = captured = self._capture_window(work, start, end)
+                if captured.corrupt_lines:
+                    self.log.warning(
+                        "Data Capture: skipped %d malformed line(s) in the window, e.g. %s",
+                        captured.corrupt_lines,
+                        "; ".join(captured.malformed_examples),
+                    )
+            else:
+                log = self._local_log(work)
+                window = read_window(log, start, end)
+                if "latency" in policy.checks:
+                    baseline, baseline_uri = self._latency_baseline(log, start, policy)
             result = compute_drift(
                 reference,
                 window,
@@ -245,7 +331,14 @@ class DriftCheckOperator(LLMOpsBaseOperator):
                 cache_dir=self._cache_dir(),
                 report_dir=work / "report",
             )
+            if capture and "latency" in result.checks:
+                result.checks["latency"] = CheckResult(
+                    drift=None, note="SageMaker Data Capture records no latency: skipped (see CloudWatch ModelLatency)"
+                )
             summary = self._summary(result, policy, reference.content_hash, baseline_uri)
+            if capture:
+                summary.update(request_log_uri=None, capture_uri=display_uri(str(self.capture_uri)))
+                summary["capture_files"] = window.files_read
             (work / "report" / "drift.json").parent.mkdir(parents=True, exist_ok=True)
             (work / "report" / "drift.json").write_text(json.dumps(summary, indent=1, default=str))
             for file in sorted((work / "report").iterdir()):
@@ -297,7 +390,7 @@ class DriftCheckOperator(LLMOpsBaseOperator):
         """``emitted``, ``cooldown`` (drifted, but a signal went out recently) or ``none``."""
         if not result.drift:
             return "none"
-        state = self._beside_log("drift-state.json", self.state_uri)
+        state = self._state_path()
         last = self._in_cooldown(state, result.window_end, context["run_id"], policy.cooldown_hours)
         if last is not None:
             self.log.warning(

@@ -1,15 +1,19 @@
-"""Inference routes: ``/v1/classify`` and the OpenAI-compatible ``/v1/completions``, ``/v1/chat/completions``."""
+"""Inference routes: ``/v1/classify`` and the OpenAI-compatible ``/v1/completions``, ``/v1/chat/completions``;
+and SageMaker's container contract, ``GET /ping`` and ``POST /invocations`` (:data:`sagemaker_router`)."""
 
 from __future__ import annotations
 
 import json
+import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import ValidationError
 
 from airflow_llmops.serving.deps import (
     REQUEST_ID_HEADER,
@@ -29,6 +33,8 @@ from airflow_llmops.serving.schemas import (
     ClassifyResponse,
     ClassifyResult,
     CompletionRequest,
+    InvocationParameters,
+    InvocationRequest,
 )
 from airflow_llmops.serving.variants import Variant
 
@@ -78,7 +84,9 @@ def _max_tokens(state: ServerState, asked: int | None, default: int) -> int:
     return min(value, limit)
 
 
-def _params(body: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> GenerationParams:
+def _params(
+    body: CompletionRequest | ChatCompletionRequest | InvocationParameters, max_tokens: int
+) -> GenerationParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return GenerationParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop, seed=body.seed
@@ -100,9 +108,15 @@ async def classify(body: ClassifyRequest, request: Request, response: Response, 
     texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
     _check_texts(state, texts, "input")
     variant = _pick(state, request, "classify", body.model)
+    return await _classify(state, variant, response, rid=rid, texts=texts, endpoint="/v1/classify")
+
+
+async def _classify(
+    state: ServerState, variant: Variant, response: Response, *, rid: str, texts: list[str], endpoint: str
+) -> ClassifyResponse:
     work = classify_work(texts)
-    answer = await state.gateway.run(variant, "/v1/classify", rid, texts, work)
-    state.gateway.mirror("classify", "/v1/classify", rid, texts, work)
+    answer = await state.gateway.run(variant, endpoint, rid, texts, work)
+    state.gateway.mirror("classify", endpoint, rid, texts, work)
     _headers(response, rid, variant)
     results = [ClassifyResult(label=r.label, score=r.score, scores=r.scores) for r in answer.value]
     return ClassifyResponse(variant=variant.name, results=results, usage={"prompt_tokens": answer.tokens_in})
@@ -196,20 +210,36 @@ async def completions(
             chunk=chunk,
             usage_chunk=usage if _include_usage(body) else None,
         )
+    return await _complete(
+        state, variant, response, rid=rid, prompts=prompts, params=params, endpoint="/v1/completions"
+    )
+
+
+async def _complete(
+    state: ServerState,
+    variant: Variant,
+    response: Response,
+    *,
+    rid: str,
+    prompts: list[str],
+    params: GenerationParams,
+    endpoint: str,
+) -> dict[str, Any]:
+    """The non-streaming ``completions`` answer: one choice per prompt, in order."""
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for i, prompt in enumerate(prompts):
         work = generate_work(prompt, params)
-        answer = await state.gateway.run(variant, "/v1/completions", rid, [prompt], work)
-        state.gateway.mirror("generate", "/v1/completions", rid, [prompt], work)
+        answer = await state.gateway.run(variant, endpoint, rid, [prompt], work)
+        state.gateway.mirror("generate", endpoint, rid, [prompt], work)
         gen = answer.value
         choices.append({"index": i, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason})
         prompt_tokens += gen.prompt_tokens
         completion_tokens += gen.completion_tokens
     _headers(response, rid, variant)
     return {
-        "id": cid,
+        "id": f"cmpl-{rid}",
         "object": "text_completion",
-        "created": created,
+        "created": int(time.time()),
         "model": variant.name,
         "choices": choices,
         "usage": _usage(prompt_tokens, completion_tokens),
@@ -298,3 +328,141 @@ async def list_models(state: State) -> Any:
         "object": "list",
         "data": [{"id": name, "object": "model", "created": created, "owned_by": "airflow-llmops"} for name in names],
     }
+
+
+# ---- SageMaker's container contract ----------------------------------------------------------------------------
+#: ``GET /ping`` and ``POST /invocations``, at the root: SageMaker (and SageMaker-style hosts) call exactly these.
+sagemaker_router = APIRouter(tags=["sagemaker"])
+INVOCATIONS_PATH = "/invocations"
+_TEXTS_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]
+}
+_INVOCATIONS_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        _TEXTS_SCHEMA,
+                        {
+                            "type": "object",
+                            "properties": {
+                                "inputs": _TEXTS_SCHEMA,
+                                "parameters": {
+                                    "type": "object",
+                                    "description": "causal LMs: max_new_tokens (or max_tokens), temperature, "
+                                    "top_p, stop, seed",
+                                },
+                            },
+                            "required": ["inputs"],
+                            "additionalProperties": False,
+                        },
+                    ]
+                }
+            },
+            "text/plain": {"schema": {"type": "string", "description": "one text"}},
+        },
+    }
+}
+
+
+class UnsupportedMediaType(ServingError):
+    status_code = 415
+    error_type = "invalid_request_error"
+
+
+@sagemaker_router.get("/ping", responses={503: {"description": "a variant with traffic is not loaded"}})
+async def ping(state: State) -> JSONResponse:
+    """SageMaker's health check: 200 once every non-shadow variant with traffic is loaded, else 503 (as ``/readyz``)."""
+    ready, variants = state.registry.readiness()
+    return JSONResponse({"ready": ready, "variants": variants}, 200 if ready else 503)
+
+
+_FIELD = re.compile(r"^(\w+|\d+)$")
+_TYPE_NAMES = {"str", "list", "int", "float", "dict", "bool"}
+_PARAMETERS = "parameters (causal LMs) are max_new_tokens or max_tokens, temperature, top_p, stop, seed"
+
+
+def _validation_message(err: ValidationError, shapes: str) -> str:
+    """The first errors as ``field: problem``, then how to fix it (union members' type names left out)."""
+    parts: list[str] = []
+    for error in err.errors()[:4]:
+        names = [str(p) for p in error.get("loc", ())]
+        loc = ".".join(p for p in names if _FIELD.match(p) and p not in _TYPE_NAMES) or "body"
+        parts.append(f"{loc}: {str(error.get('msg', 'invalid value')).removeprefix('Value error, ')}")
+    hint = _PARAMETERS if all(p.startswith("parameters") for p in parts) else shapes
+    return "; ".join(dict.fromkeys(parts)) + f" ({hint})"
+
+
+def parse_invocation(body: bytes, content_type: str | None) -> InvocationRequest:
+    """The body of ``POST /invocations``: JSON ``{"inputs": ..., "parameters": {...}}``, a bare JSON string or list
+    of strings, or ``text/plain`` (the whole body is one text). Anything else is a :class:`BadRequest` (415 for
+    another content type) whose message shows the accepted shapes."""
+    media = (content_type or "application/json").split(";", 1)[0].strip().lower()
+    shapes = 'send {"inputs": "text"}, {"inputs": ["text 1", "text 2"]}, a JSON string or a JSON list of strings'
+    if media not in ("application/json", "text/plain", "*/*", "") and not media.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type {media!r} is not supported: use application/json ({shapes})")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadRequest(f"request body is not UTF-8 text ({err})") from None
+    if media == "text/plain":
+        payload: Any = text
+    else:
+        if not text.strip():
+            raise BadRequest(f"empty request body: {shapes}")
+        try:
+            payload = json.loads(text)
+        except ValueError as err:
+            raise BadRequest(f"request body is not valid JSON: {err}; {shapes}") from None
+    if not isinstance(payload, dict):
+        payload = {"inputs": payload}
+    try:
+        return InvocationRequest.model_validate(payload)
+    except ValidationError as err:
+        raise BadRequest(_validation_message(err, shapes)) from None
+
+
+def _pick_any(state: ServerState, request: Request) -> tuple[Variant, Task]:
+    """A variant for ``/invocations``, whatever its task: the ``X-LLMOps-Variant`` header pins one, else the
+    loaded non-shadow variants share the requests by weight. Its model decides the answer: classifiers classify,
+    causal LMs complete (a model that does both classifies)."""
+    registry = state.registry
+    pinned = request.headers.get(VARIANT_HEADER) or None
+    if pinned is not None:
+        model = registry.get(pinned).model
+        task: Task = "generate" if model is not None and "classify" not in model.tasks else "classify"
+        return registry.pick(task, pinned), task
+    candidates = [
+        v
+        for v in registry.variants.values()
+        if not v.spec.shadow and v.spec.weight > 0 and v.status == "ready" and v.model is not None
+    ]
+    if not candidates:
+        return registry.pick("classify", None), "classify"  # raises the reason: still loading, or nothing to serve
+    variant = random.choices(candidates, weights=[v.spec.weight for v in candidates])[0]
+    assert variant.model is not None
+    return variant, "classify" if "classify" in variant.model.tasks else "generate"
+
+
+@sagemaker_router.post(
+    INVOCATIONS_PATH,
+    dependencies=[Depends(_api_key)],
+    openapi_extra=_INVOCATIONS_OPENAPI,
+    responses={400: {"description": "bad input; the JSON error says what to send"}},
+)
+async def invocations(request: Request, response: Response, state: State, rid: RequestId) -> Any:
+    """SageMaker's inference call. A classifier answers what ``/v1/classify`` answers, a causal LM what
+    ``/v1/completions`` answers (one choice per input); ``X-LLMOps-Variant`` names the variant that answered.
+    Counted in the metrics and the request log under the endpoint ``/invocations``."""
+    body = parse_invocation(await request.body(), request.headers.get("content-type"))
+    texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
+    _check_texts(state, texts, "input")
+    variant, task = _pick_any(state, request)
+    if task == "classify":
+        return await _classify(state, variant, response, rid=rid, texts=texts, endpoint=INVOCATIONS_PATH)
+    options = body.parameters or InvocationParameters()
+    asked = options.max_new_tokens if options.max_new_tokens is not None else options.max_tokens
+    params = _params(options, _max_tokens(state, asked, 16))
+    return await _complete(state, variant, response, rid=rid, prompts=texts, params=params, endpoint=INVOCATIONS_PATH)

@@ -246,6 +246,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         return Response(generate_latest(state.telemetry.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(api_inference.router)
+    app.include_router(api_inference.sagemaker_router)
     app.include_router(api_admin.router)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequestIds)  # added last: outermost, so 413s and every error carry the id too

@@ -45,6 +45,29 @@ class ClassifyResponse(BaseModel):
     usage: dict[str, int]
 
 
+class InvocationParameters(BaseModel):
+    """``parameters`` of a SageMaker-style ``/invocations`` body; they apply to causal LMs (a classifier ignores
+    them). ``max_new_tokens`` (Hugging Face's name) and ``max_tokens`` (OpenAI's) are the same limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    seed: int | None = None
+
+
+class InvocationRequest(BaseModel):
+    """``POST /invocations``: ``{"inputs": "text" | ["t1", "t2"], "parameters": {...}}``, or the bare text or list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: Text | Annotated[list[Text], Field(min_length=1)] = Field(description="one text or a list of texts")
+    parameters: InvocationParameters | None = None
+
+
 class StreamOptions(_Open):
     include_usage: bool = False
 

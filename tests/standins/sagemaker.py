@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -61,6 +62,18 @@ FAILURE_REASON_MAX = 1024  # DescribeTrainingJob's FailureReason is at most 1024
 TERMINAL_TRAINING = frozenset({"Completed", "Failed", "Stopped"})
 SERVING_STATUSES = frozenset({"InService", "Updating", "RollingBack", "SystemUpdating"})
 CHECKPOINT_QUIET_SECONDS = 0.5  # a checkpoint file unchanged this long is taken as written
+TRAINING_REQUEST_KEYS = (  # the CreateTrainingJob parameters the harness uses
+    "AlgorithmSpecification",
+    "HyperParameters",
+    "InputDataConfig",
+    "OutputDataConfig",
+    "ResourceConfig",
+    "StoppingCondition",
+    "CheckpointConfig",
+    "Environment",
+    "EnableManagedSpotTraining",
+    "RetryStrategy",
+)
 
 
 # -- small helpers --------------------------------------------------------------------------------------------------
@@ -207,6 +220,75 @@ class _TrainingRun:
     last_sync: float = 0.0
     synced: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     epoch_used: set[int] = field(default_factory=set)
+
+
+# -- hyperparameter tuning ------------------------------------------------------------------------------------------
+
+TUNING_NAME_PATTERN = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,31}")
+TUNING_NAME_MAX = 32
+MAX_TUNED_HYPERPARAMETERS = 30  # SageMaker searches at most 30 hyperparameters per tuning job
+MAX_CATEGORICAL_VALUES = 30
+SCALING_TYPES = ("Auto", "Linear", "Logarithmic", "ReverseLogarithmic")
+EMULATED_STRATEGIES = ("Bayesian", "Random")
+TRAINING_COUNTERS = ("Completed", "InProgress", "RetryableError", "NonRetryableError", "Stopped")
+OBJECTIVE_COUNTERS = ("Succeeded", "Pending", "Failed")
+
+
+@dataclass(frozen=True)
+class _Range:
+    """One of a tuning job's ParameterRanges, parsed."""
+
+    name: str
+    kind: str  # continuous, integer, categorical
+    low: float = 0.0
+    high: float = 0.0
+    scaling: str = "Linear"  # Auto is sampled as Linear
+    values: tuple[str, ...] = ()
+
+    def sample(self, rng: random.Random) -> str:
+        """A random value in the range, as the string SageMaker passes in HyperParameters."""
+        if self.kind == "categorical":
+            return rng.choice(self.values)
+        if self.kind == "integer" and self.scaling != "Logarithmic":
+            return str(rng.randint(int(self.low), int(self.high)))
+        if self.scaling == "Logarithmic":
+            x = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        elif self.scaling == "ReverseLogarithmic":
+            x = 1.0 - math.exp(rng.uniform(math.log(1.0 - self.high), math.log(1.0 - self.low)))
+        else:
+            x = rng.uniform(self.low, self.high)
+        if self.kind == "integer":
+            return str(min(int(self.high), max(int(self.low), round(x))))
+        return repr(min(self.high, max(self.low, x)))
+
+
+@dataclass
+class _Trial:
+    """A training job a tuning job launched."""
+
+    name: str
+    index: int
+    tuned: dict[str, str]  # TunedHyperParameters
+    status: str = "InProgress"  # its TrainingJobStatus once settled
+    settled: bool = False  # it ended and its objective was read
+    value: float | None = None  # the objective metric's final value (None: the objective failed)
+
+
+@dataclass
+class _Tuning:
+    name: str
+    objective: dict[str, str]  # HyperParameterTuningJobObjective: Type, MetricName
+    definition: dict[str, Any]  # TrainingJobDefinition
+    ranges: list[_Range]
+    max_jobs: int
+    max_parallel: int
+    random: random.Random
+    arn: str = ""
+    created: float = field(default_factory=time.monotonic)
+    trials: list[_Trial] = field(default_factory=list)
+    stop_requested: bool = False
+    done: bool = False
+    shown: Any = None  # what DescribeHyperParameterTuningJob showed last (LastModifiedTime moves when it changes)
 
 
 # -- serving --------------------------------------------------------------------------------------------------------
@@ -359,10 +441,12 @@ class SageMakerStandIn:
         self.endpoint_url = ""
         self.account_id = ""
         self.role_arn = ""
+        self.seed = seed
         self._random = random.Random(seed)
         self._lock = threading.RLock()  # the harness's state and moto's objects
         self._advance_lock = threading.Lock()  # one step of the clock at a time
         self._runs: dict[str, _TrainingRun] = {}
+        self._tunings: dict[str, _Tuning] = {}
         self._endpoints: dict[str, _Endpoint] = {}
         self._retired: list[_Endpoint] = []  # deleted endpoints whose servers are still to stop
         self._servers: dict[tuple[str, str, str], _Server] = {}
@@ -711,6 +795,8 @@ class SageMakerStandIn:
                 return
             for run in list(self._runs.values()):
                 self._guard(f"training job {run.name}", self._advance_training, run)
+            for tuning in list(self._tunings.values()):
+                self._guard(f"tuning job {tuning.name}", self._advance_tuning, tuning)
             for ep in list(self._endpoints.values()):
                 self._guard(f"endpoint {ep.name}", self._advance_endpoint, ep)
             self._guard("retired endpoints", self._advance_retired)
@@ -741,54 +827,47 @@ class SageMakerStandIn:
             raise ValidationError(message=f"the stand-in emulates account {self.account_id} in {self.region} only")
 
     def _on_create_training_job(self, resp: Any, original: Callable[[Any], Any]) -> Any:
-        from moto.sagemaker.exceptions import ResourceInUseException
-
         self._check_region(resp)
         name = resp._get_param("TrainingJobName")
-        request = {
-            key: copy.deepcopy(resp._get_param(key))
-            for key in (
-                "AlgorithmSpecification",
-                "HyperParameters",
-                "InputDataConfig",
-                "OutputDataConfig",
-                "ResourceConfig",
-                "StoppingCondition",
-                "CheckpointConfig",
-                "Environment",
-                "EnableManagedSpotTraining",
-                "RetryStrategy",
-            )
-        }
+        request = {key: copy.deepcopy(resp._get_param(key)) for key in TRAINING_REQUEST_KEYS}
         with self._lock:
-            if name in resp.sagemaker_backend.training_jobs:
-                raise ResourceInUseException(
-                    "Training job names must be unique within an AWS account and region, and a training job "
-                    f"with this name already exists ({resp.sagemaker_backend.training_jobs[name].arn})"
-                )
+            self._check_new_training_name(resp.sagemaker_backend, name)
             result = original(resp)
-            job = resp.sagemaker_backend.training_jobs[name]
-            now = _utcnow()
-            # Every attribute DescribeTrainingJob may show is set here once (None hides it), so later changes never
-            # grow the object's __dict__ while moto serialises it in another thread.
-            job.algorithm_specification = request["AlgorithmSpecification"] or {}
-            job.environment = request["Environment"] or None
-            job.training_job_status = "InProgress"
-            job.secondary_status = "Starting"
-            job.secondary_status_transitions = [
-                {"Status": "Starting", "StartTime": now, "StatusMessage": "Launching requested ML instances"}
-            ]
-            job.creation_time = job.last_modified_time = now
-            job.training_start_time = None
-            job.training_end_time = None
-            job.model_artifacts = None
-            job.final_metric_data_list = None
-            job.failure_reason = None
-            job.training_time_in_seconds = None
-            job.billable_time_in_seconds = None
-            job.retry_strategy = request["RetryStrategy"] or None
-            self._runs[name] = _TrainingRun(name=name, request=request)
+            self._adopt_training_job(resp.sagemaker_backend.training_jobs[name], request)
         return result
+
+    def _check_new_training_name(self, backend: Any, name: str) -> None:
+        from moto.sagemaker.exceptions import ResourceInUseException
+
+        if name in backend.training_jobs:
+            raise ResourceInUseException(
+                "Training job names must be unique within an AWS account and region, and a training job "
+                f"with this name already exists ({backend.training_jobs[name].arn})"
+            )
+
+    def _adopt_training_job(self, job: Any, request: dict[str, Any], *, tuning_arn: str | None = None) -> None:
+        """(Caller holds the lock.) moto's new training job becomes one the clock runs: InProgress, Starting."""
+        now = _utcnow()
+        # Every attribute DescribeTrainingJob may show is set here once (None hides it), so later changes never
+        # grow the object's __dict__ while moto serialises it in another thread.
+        job.algorithm_specification = request["AlgorithmSpecification"] or {}
+        job.environment = request["Environment"] or None
+        job.training_job_status = "InProgress"
+        job.secondary_status = "Starting"
+        job.secondary_status_transitions = [
+            {"Status": "Starting", "StartTime": now, "StatusMessage": "Launching requested ML instances"}
+        ]
+        job.creation_time = job.last_modified_time = now
+        job.training_start_time = None
+        job.training_end_time = None
+        job.model_artifacts = None
+        job.final_metric_data_list = None
+        job.failure_reason = None
+        job.training_time_in_seconds = None
+        job.billable_time_in_seconds = None
+        job.retry_strategy = request["RetryStrategy"] or None
+        job.tuning_job_arn = tuning_arn  # DescribeTrainingJob's TuningJobArn: the tuning job that launched it
+        self._runs[job.training_job_name] = _TrainingRun(name=job.training_job_name, request=request)
 
     def _on_describe_training_job(self, resp: Any, original: Callable[[Any], Any]) -> Any:
         with self._lock:
@@ -809,10 +888,14 @@ class SageMakerStandIn:
                 raise ValidationError(
                     message=f"The request was rejected because the training job is in status {job.training_job_status}."
                 )
-            run.stop_reason = "Stopped"
-            job.training_job_status = "Stopping"
-            self._secondary(job, "Stopping", "Stopping the training job")
+            self._request_stop(job, run)
         return EmptyResult()
+
+    def _request_stop(self, job: Any, run: _TrainingRun) -> None:
+        """(Caller holds the lock.) StopTrainingJob: Stopping now; the clock stops the containers."""
+        run.stop_reason = "Stopped"
+        job.training_job_status = "Stopping"
+        self._secondary(job, "Stopping", "Stopping the training job")
 
     # -- training: the clock -----------------------------------------------------------------------------------------
     def _secondary(self, job: Any, status: str, message: str) -> None:
@@ -970,9 +1053,11 @@ class SageMakerStandIn:
         for host in run.hosts:  # nothing of the job may outlive it (torchrun's workers included)
             _signal_tree(host.popen, host.known, signal.SIGKILL)
         self._end_attempt(run)
+        metrics = self._final_metrics(run)  # the logs are all in CloudWatch Logs now
         with self._lock:
             job = self._job(run.name)
             now = _utcnow()
+            job.final_metric_data_list = metrics
             job.training_job_status = status
             if status == "Failed":
                 job.failure_reason = reason or "AlgorithmError"
@@ -989,6 +1074,63 @@ class SageMakerStandIn:
                 job.training_time_in_seconds = seconds
                 job.billable_time_in_seconds = seconds
         run.phase = "done"
+
+    def _final_metrics(self, run: _TrainingRun) -> list[dict[str, Any]] | None:
+        """FinalMetricDataList: for each of AlgorithmSpecification.MetricDefinitions, the value its regex captured
+        (first group) in the job's CloudWatch log lines, the last match winning, as SageMaker does."""
+        definitions = (run.request.get("AlgorithmSpecification") or {}).get("MetricDefinitions") or []
+        patterns: list[tuple[str, re.Pattern[str]]] = []
+        for definition in definitions:
+            with contextlib.suppress(re.error, KeyError, TypeError):
+                patterns.append((definition["Name"], re.compile(definition["Regex"])))
+        if not patterns:
+            return None
+        found: dict[str, float] = {}
+        for line in self._training_log_lines(run.name):
+            for name, pattern in patterns:
+                match = pattern.search(line)
+                if match is None:
+                    continue
+                with contextlib.suppress(ValueError, TypeError):
+                    value = float(match.group(1) if pattern.groups else match.group(0))
+                    if math.isfinite(value):
+                        found[name] = value
+        now = _utcnow()
+        data = [{"MetricName": name, "Value": found[name], "Timestamp": now} for name, _ in patterns if name in found]
+        return data or None
+
+    def _training_log_lines(self, job_name: str) -> list[str]:
+        """The job's log lines as CloudWatch Logs holds them: its streams (``<job>/algo-<n>-<epoch>``) by attempt,
+        then host."""
+        logs = self.client("logs")
+        streams: list[str] = []
+        try:
+            for page in logs.get_paginator("describe_log_streams").paginate(
+                logGroupName=TRAINING_LOG_GROUP, logStreamNamePrefix=f"{job_name}/"
+            ):
+                streams += [s["logStreamName"] for s in page.get("logStreams", [])]
+        except logs.exceptions.ResourceNotFoundException:
+            return []
+
+        def order(stream: str) -> tuple[int, str]:
+            host, _, epoch = stream.rsplit("/", 1)[-1].rpartition("-")
+            return (int(epoch) if epoch.isdigit() else 0, host)
+
+        lines: list[str] = []
+        for stream in sorted(streams, key=order):
+            kwargs: dict[str, Any] = {
+                "logGroupName": TRAINING_LOG_GROUP,
+                "logStreamName": stream,
+                "startFromHead": True,
+            }
+            token = None
+            while True:
+                page = logs.get_log_events(**kwargs, **({"nextToken": token} if token else {}))
+                lines += [event["message"] for event in page.get("events", [])]
+                if not page.get("events") or page.get("nextForwardToken") in (None, token):
+                    break
+                token = page["nextForwardToken"]
+        return lines
 
     def _prepare_hosts(self, run: _TrainingRun) -> None:
         """Fresh /opt/ml folders for every instance: configs, input channels, restored checkpoints."""

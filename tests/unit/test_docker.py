@@ -366,7 +366,7 @@ def test_dockerfile_installs_from_the_bootstrap_lock(dockerfile: Path) -> None:
 
 @pytest.mark.parametrize(
     ("dockerfile", "extras"),
-    [(AIRFLOW_DOCKERFILE, ".[all]"), (RUNTIME_DOCKERFILE, ".[local,mlflow,serving]")],
+    [(AIRFLOW_DOCKERFILE, ".[all]"), (RUNTIME_DOCKERFILE, ".[local,mlflow,serving,storage]")],
     ids=["airflow", "runtime"],
 )
 def test_dockerfile_installs_the_project_with_its_extras(dockerfile: Path, extras: str) -> None:
@@ -418,14 +418,32 @@ def test_airflow_image_installs_as_the_airflow_user() -> None:
     assert any(dest.split()[-1].rstrip("/") == "/opt/airflow/dags" for dest in _args(AIRFLOW_DOCKERFILE, "COPY"))
 
 
-def test_runtime_image_matches_the_lock_and_uses_the_entrypoint() -> None:
+def test_runtime_image_matches_the_lock_and_uses_the_entrypoint_under_tini() -> None:
     (base,) = _args(RUNTIME_DOCKERFILE, "FROM")
     assert base == f"python:{_lock_python_version()}-slim"
     assert any(arg.startswith("TORCH_INDEX=") for arg in _args(RUNTIME_DOCKERFILE, "ARG"))
     (entrypoint,) = _args(RUNTIME_DOCKERFILE, "ENTRYPOINT")
-    (target,) = json.loads(entrypoint)
+    # tini is PID 1: it forwards SIGTERM (a stopped job, a reclaimed spot instance) and reaps torchrun's workers.
+    init, separator, target = json.loads(entrypoint)
+    assert (init, separator) == ("/usr/bin/tini", "--")
+    installs = [shlex.split(run) for run in _args(RUNTIME_DOCKERFILE, "RUN") if "apt-get install" in run]
+    assert any("tini" in tokens for tokens in installs), "tini (the Debian package, /usr/bin/tini) is not installed"
     copies = [shlex.split(args) for args in _args(RUNTIME_DOCKERFILE, "COPY")]
     assert any(tokens[-2:] == ["docker/runtime-entrypoint.sh", target] for tokens in copies)
+    # SageMaker starts a serving container with `serve`, Vertex AI with no arguments: both serve.
+    (cmd,) = _args(RUNTIME_DOCKERFILE, "CMD")
+    assert json.loads(cmd) == ["serve"]
+
+
+def test_runtime_image_holds_the_object_store_filesystems_from_the_lock() -> None:
+    match = re.search(r"^storage = \[([^\]]*)\]", (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    assert match, "pyproject.toml has no `storage` extra"
+    storage = sorted(json.loads(f"[{match.group(1)}]"))
+    assert storage == ["adlfs", "gcsfs", "s3fs"]
+    for name in storage:
+        assert _lock_pin(name)  # installed with -c lock.txt: the lock must pin each one
+    runs = " ".join(_args(RUNTIME_DOCKERFILE, "RUN"))
+    assert "import airflow_llmops, torch, s3fs, gcsfs, adlfs" in runs, "the build does not check the imports"
 
 
 # ---------------------------------------------------------------- (c) runtime-entrypoint.sh
@@ -468,20 +486,23 @@ def _dispatch(stub_path: str, *args: str, **env: str) -> subprocess.CompletedPro
     )
 
 
-def test_entrypoint_dispatches_train(stub_path: str) -> None:
-    result = _dispatch(stub_path, "train", "--max-steps", "1")
+def test_entrypoint_hands_train_to_the_runtime(stub_path: str) -> None:
+    result = _dispatch(stub_path, "train")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["python", "-m", "airflow_llmops.ml.train", "--max-steps", "1"]
+    assert result.stdout.split() == ["python", "-m", "airflow_llmops.ml.runtime", "train"]
 
 
-def test_entrypoint_serves_on_8080_or_the_vertex_port(stub_path: str) -> None:
-    default = _dispatch(stub_path, "serve", "--model", "m")
-    assert default.returncode == 0, default.stderr
-    assert default.stdout.split() == ["airflow-llmops", "serve", "--host", "0.0.0.0", "--port", "8080", "--model", "m"]
-    vertex = _dispatch(stub_path, "serve", AIP_HTTP_PORT="7080")
-    assert vertex.stdout.split()[-2:] == ["--port", "7080"]
+def test_entrypoint_hands_serve_to_the_runtime_and_serves_by_default(stub_path: str) -> None:
+    serve = _dispatch(stub_path, "serve", "--model", "m")
+    assert serve.returncode == 0, serve.stderr
+    assert serve.stdout.split() == ["python", "-m", "airflow_llmops.ml.runtime", "serve", "--model", "m"]
+    # The host and port come from the runtime (AIP_HTTP_PORT > SAGEMAKER_BIND_TO_PORT > LLMOPS_SERVE_PORT > 8080).
+    bare = _dispatch(stub_path)
+    assert bare.returncode == 0, bare.stderr
+    assert bare.stdout.split() == ["python", "-m", "airflow_llmops.ml.runtime", "serve"]
 
 
-def test_entrypoint_runs_other_commands_and_refuses_none(stub_path: str) -> None:
+def test_entrypoint_runs_other_commands(stub_path: str) -> None:
     assert _dispatch(stub_path, "echo", "hello").stdout.strip() == "hello"
-    assert _dispatch(stub_path).returncode != 0
+    assert "usage" in _dispatch(stub_path, "--help").stdout
+    assert _dispatch(stub_path, "false").returncode != 0

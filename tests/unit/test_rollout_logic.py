@@ -381,7 +381,7 @@ def test_a_guarded_deployment_is_started_once_watched_and_finished(memory_platfo
 
 
 def test_a_guarded_deployment_the_platform_rolled_back_fails_the_task_with_its_reason(memory_platform):
-    with pytest.raises(AirflowFailException, match="alarms in ALARM: errors.*rolled back"):
+    with pytest.raises(AirflowFailException, match=r"alarms in ALARM: errors.*rolled back"):
         _operator(_guarded(["in_progress", "rolled_back"])).execute(_context())
     assert ("rollback", ("v2", {"v1": 100.0})) in MemoryEndpoints.calls  # our cleanup after the platform's
     assert deployment_platform("guarded").get_rollout_record("ep").state == "rolled_back"

@@ -5,12 +5,14 @@ No Airflow here: :class:`~airflow_llmops.operators.drift.DriftCheckOperator` wra
 directly. A window *drifts* when at least ``policy.checks_to_agree`` of the enabled checks flag it.
 
 * :mod:`.inputs`: the reference dataset, request-log windows, the latency baseline, simulated traffic;
+* :mod:`.capture`: SageMaker Data Capture files as the same windows;
 * :mod:`.features`: text descriptors and sentence embeddings;
 * :mod:`.checks`: :func:`compute_drift` and its :class:`DriftResult`.
 """
 
 from __future__ import annotations
 
+from airflow_llmops.ml.drift.capture import CaptureWindow, read_capture, read_capture_window
 from airflow_llmops.ml.drift.checks import EMBEDDINGS_NAME, CheckResult, DriftResult, compute_drift
 from airflow_llmops.ml.drift.features import (
     TEXT_DESCRIPTORS,
@@ -33,6 +35,7 @@ from airflow_llmops.ml.drift.inputs import (
 __all__ = [
     "EMBEDDINGS_NAME",
     "TEXT_DESCRIPTORS",
+    "CaptureWindow",
     "CheckResult",
     "DriftError",
     "DriftResult",
@@ -42,6 +45,8 @@ __all__ = [
     "earliest_latencies",
     "embed_texts",
     "load_reference",
+    "read_capture",
+    "read_capture_window",
     "read_window",
     "reference_embeddings",
     "simulated_records",

@@ -100,19 +100,25 @@ def read_window(folder: str | Path, start: float, end: float, *, include_shadow:
         for record in read_request_log(folder, since=start, until=end, on_corrupt=count, on_file=opened):
             if record.get("shadow") and not include_shadow:
                 continue
-            rows.append(
-                {
-                    "ts": float(record.get("ts", 0)),
-                    "variant": str(record.get("variant", "")),
-                    "status": int(record.get("status") or 0),
-                    "latency_ms": _float_or_nan(record.get("latency_ms")),
-                    "input": _text(record.get("input")),
-                    "output": record.get("output"),
-                }
-            )
-    columns = ["ts", "variant", "status", "latency_ms", "input", "output"]
-    frame = pd.DataFrame(rows, columns=columns)
+            rows.append(window_row(record))
+    frame = pd.DataFrame(rows, columns=WINDOW_COLUMNS)
     return Window(data=frame, start=start, end=end, corrupt_lines=corrupt, files_read=files)
+
+
+#: The columns of :attr:`Window.data`; a missing latency (Data Capture records none) is NaN.
+WINDOW_COLUMNS = ["ts", "variant", "status", "latency_ms", "input", "output"]
+
+
+def window_row(record: dict[str, Any]) -> dict[str, Any]:
+    """One request-log record as a row of :attr:`Window.data`."""
+    return {
+        "ts": float(record.get("ts", 0)),
+        "variant": str(record.get("variant", "")),
+        "status": int(record.get("status") or 0),
+        "latency_ms": _float_or_nan(record.get("latency_ms")),
+        "input": _text(record.get("input")),
+        "output": record.get("output"),
+    }
 
 
 def earliest_latencies(folder: str | Path, *, span_s: float, before: float, limit: int) -> list[float]:
