@@ -219,3 +219,26 @@ def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any) -> 
     assert platform.get_traffic(handle) == {v4: 100.0}  # the previous version serves, as before
     status, _, variant = aws.invoke(ENDPOINT, {"inputs": "hello"})
     assert status == 200 and variant == v4
+
+    # -- drift: the endpoint's Data Capture (every request above) read by the drift check, with a verdict -------
+    from dags_under_test import load_dag as load_test_dag
+
+    aws.flush_capture()
+    validated = run.get_task_instance("validate").xcom_pull(task_ids="validate")
+    drift_dag = load_test_dag(
+        "llmops_test_drift_capture", folder="tests/dags", module="llmops_test_drift_capture", attr="capture_dag"
+    )
+    captured = f"{aws.s3_uri('sagemaker')}/datacapture/{ENDPOINT}"
+    ti = drift_dag.test(
+        run_conf={
+            "reference_uri": validated["dataset_uri"],
+            "capture_uri": captured,
+            "window_end": time.time() + 60,
+            "artifact_root": aws.s3_uri("drift"),
+            "policy": {"window_minutes": 60, "min_rows": 20, "checks": ["text_descriptors", "prediction"]},
+        }
+    ).get_task_instance("drift")
+    assert ti.state == "success"
+    out = ti.xcom_pull(task_ids="drift")
+    assert out["capture_uri"] == captured and out["capture_files"] >= 1 and out["rows"] >= 20, out
+    assert out["verdict"] in ("drift", "no_drift"), out  # judged on the captured requests, not "too_few_rows"
