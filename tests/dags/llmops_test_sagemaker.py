@@ -1,5 +1,6 @@
-"""A DAG the SageMaker tests run with dag.test(): deploy a registered version on the stand-in's endpoint and walk
-its rollout, stepwise or through SageMaker's own guarded deployment (the plan's ``native_guardrails``)."""
+"""DAGs the SageMaker tests run with dag.test(): deploy a registered version on the stand-in's endpoint and walk
+its rollout, stepwise or through SageMaker's own guarded deployment (the plan's ``native_guardrails``); and a
+hyperparameter search as a SageMaker tuning job."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from datetime import datetime
 
 from airflow.sdk import DAG, Param
 
-from airflow_llmops.operators import DeployModelOperator, RolloutOperator
+from airflow_llmops.operators import DeployModelOperator, RolloutOperator, TuneHyperparametersOperator
 
 with DAG(
     "llmops_test_sagemaker",
@@ -46,3 +47,36 @@ with DAG(
         task_id="rollout", rollout="{{ ti.xcom_pull(task_ids='deploy') }}", poll_interval=1, max_wait_s=60
     )
     deploy >> rollout
+
+with DAG(
+    "llmops_test_sagemaker_tune",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    render_template_as_native_obj=True,
+    default_args={"retries": 0, "owner": "llmops"},
+    params={"dataset_uri": Param("", type="string"), "n_trials": Param(2, type="integer")},
+) as tune_dag:
+    TuneHyperparametersOperator(
+        task_id="tune",
+        platform="sagemaker",
+        platform_conn_id="aws_default",
+        platform_options={"instance_type": "ml.m5.large"},
+        poll_interval=1,
+        dataset_uri="{{ params.dataset_uri }}",
+        spec={
+            "training": {
+                "max_steps": 4,
+                "per_device_batch_size": 8,
+                "max_seq_length": 32,
+                "log_every_steps": 2,
+                "checkpoint_every_steps": 1000,
+                "distributed": {"nproc_per_node": 1},
+            },
+            "search_space": {
+                "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+                "warmup_ratio": {"type": "categorical", "choices": [0.0, 0.1]},
+            },
+            "n_trials": "{{ params.n_trials }}",
+            "metric": "eval_accuracy",
+        },
+    )

@@ -242,3 +242,30 @@ def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any) -> 
     out = ti.xcom_pull(task_ids="drift")
     assert out["capture_uri"] == captured and out["capture_files"] >= 1 and out["rows"] >= 20, out
     assert out["verdict"] in ("drift", "no_drift"), out  # judged on the captured requests, not "too_few_rows"
+
+
+def test_tuning_on_sagemaker_hands_on_the_best_trial(sagemaker_env: Any, tmp_path: Path) -> None:
+    from conftest import prepare_chatterbot
+    from dags_under_test import load_dag
+
+    aws = sagemaker_env
+    dataset = aws.upload_folder(prepare_chatterbot(tmp_path / "data", topics="ai,food,greetings,money"), "data/tune")
+    dag = load_dag("llmops_test_sagemaker_tune", folder="tests/dags", module="llmops_test_sagemaker", attr="tune_dag")
+    run = dag.test(run_conf={"dataset_uri": dataset, "n_trials": 2})
+    ti = run.get_task_instance("tune")
+    assert ti.state == "success"
+    out = ti.xcom_pull(task_ids="tune")
+    job = aws.client("sagemaker").describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=out["job_name"])
+    assert job["HyperParameterTuningJobStatus"] == "Completed" and len(out["job_name"]) <= 32
+    values = [t["value"] for t in out["trials"]]
+    assert len(values) == 2 and out["best_value"] == max(v for v in values if v is not None)
+    best = out["best_params"]
+    assert 1e-5 <= best["learning_rate"] <= 1e-3 and best["warmup_ratio"] in (0.0, 0.1)
+    assert out["best_training_spec"]["learning_rate"] == best["learning_rate"]
+    assert out["best_training_spec"]["dataset_uri"] == dataset
+    # The best trial's container trained with those values (the runtime applied them to the spec).
+    root = aws.training_root(out["best_training_job"])
+    tuned = json.loads((root / "input/config/hyperparameters.json").read_text())
+    assert float(tuned["learning_rate"]) == pytest.approx(best["learning_rate"])
+    used = json.loads((root / "output/data/spec.json").read_text())
+    assert used["learning_rate"] == pytest.approx(best["learning_rate"])

@@ -1,7 +1,8 @@
 """The SageMaker stand-in (tests/standins/sagemaker.py) driven with plain boto3: training jobs that run the real
 container runtime (``python -m airflow_llmops.ml.runtime train``) on two "instances", fail, stop and survive a spot
 interruption; endpoints that serve a real classifier (``... runtime serve``) by the variants' weights, with
-CloudWatch metrics, Data Capture files, weight updates and blue/green updates that bake and roll back."""
+CloudWatch metrics, Data Capture files, weight updates and blue/green updates that bake and roll back; hyperparameter
+tuning jobs whose trials are such training jobs, judged by the metric their result line prints, failed and stopped."""
 
 from __future__ import annotations
 
@@ -652,3 +653,262 @@ def test_an_airflow_aws_connection_reaches_the_standin(sm, monkeypatch):
         client = AwsBaseHook(aws_conn_id=conn_id, client_type="sagemaker").get_conn()
         assert ENDPOINT in {e["EndpointName"] for e in client.list_endpoints()["Endpoints"]}
         assert client.describe_endpoint(EndpointName=ENDPOINT)["EndpointStatus"] == "InService"
+
+
+# -- hyperparameter tuning --------------------------------------------------------------------------------------------
+
+TUNING_METRICS = [  # what the adapter asks SageMaker to read from the training's result line
+    {"Name": "eval_accuracy", "Regex": '"eval_accuracy": ([-+0-9.eE]+)'},
+    {"Name": "eval_loss", "Regex": '"eval_loss": ([-+0-9.eE]+)'},
+]
+TRIAL_NAME = r"{tuning}-00\d-[0-9a-f]{{8}}"
+
+
+def tuning_request(
+    sm: SageMakerStandIn, name: str, dataset_uri: str, *, spec: str, max_jobs: int, parallel: int = 1
+) -> dict[str, Any]:
+    return {
+        "HyperParameterTuningJobName": name,
+        "HyperParameterTuningJobConfig": {
+            "Strategy": "Random",
+            "HyperParameterTuningJobObjective": {"Type": "Maximize", "MetricName": "eval_accuracy"},
+            "ResourceLimits": {"MaxNumberOfTrainingJobs": max_jobs, "MaxParallelTrainingJobs": parallel},
+            "ParameterRanges": {
+                "ContinuousParameterRanges": [
+                    {"Name": "learning_rate", "MinValue": "1e-5", "MaxValue": "1e-3", "ScalingType": "Logarithmic"}
+                ],
+                "IntegerParameterRanges": [
+                    {"Name": "per_device_batch_size", "MinValue": "4", "MaxValue": "8", "ScalingType": "Linear"}
+                ],
+                "CategoricalParameterRanges": [],
+            },
+            "TrainingJobEarlyStoppingType": "Auto",
+        },
+        "TrainingJobDefinition": {
+            "AlgorithmSpecification": {
+                "TrainingImage": "123456789012.dkr.ecr.us-east-1.amazonaws.com/llmops:test",
+                "TrainingInputMode": "File",
+                "MetricDefinitions": TUNING_METRICS,
+            },
+            "RoleArn": sm.role_arn,
+            "StaticHyperParameters": {"llmops_spec": spec},
+            "InputDataConfig": [
+                {
+                    "ChannelName": "dataset",
+                    "DataSource": {
+                        "S3DataSource": {
+                            "S3DataType": "S3Prefix",
+                            "S3Uri": dataset_uri,
+                            "S3DataDistributionType": "FullyReplicated",
+                        }
+                    },
+                }
+            ],
+            "OutputDataConfig": {"S3OutputPath": sm.s3_uri("tuning")},
+            "ResourceConfig": {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 10},
+            "StoppingCondition": {"MaxRuntimeInSeconds": 900},
+            "CheckpointConfig": {"S3Uri": sm.s3_uri(f"checkpoints/{name}")},
+            "Environment": {"LLMOPS_STANDIN_TUNING": name},
+        },
+    }
+
+
+def trials_of(sm: SageMakerStandIn, name: str) -> list[dict[str, Any]]:
+    return sm.client("sagemaker").list_training_jobs_for_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName=name, MaxResults=100
+    )["TrainingJobSummaries"]
+
+
+def result_metrics(sm: SageMakerStandIn, job: str) -> dict[str, Any]:
+    """The metrics of the job's ``[llmops-result] {...}`` line (the last one in its logs)."""
+    lines = [line for line in logs_of(sm, job).splitlines() if "[llmops-result] " in line]
+    assert lines, logs_of(sm, job)
+    return json.loads(lines[-1].split("[llmops-result] ", 1)[1])["metrics"]
+
+
+def test_a_tuning_job_request_is_checked_like_sagemaker(sm, dataset_uri):
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    raw = boto3.session.Session().client(  # no client-side checks: the stand-in's own are under test
+        "sagemaker",
+        endpoint_url=sm.endpoint_url,
+        region_name=sm.region,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=Config(parameter_validation=False, retries={"max_attempts": 1}),
+    )
+    spec = spec_json(max_steps=4)
+
+    def rejected(name: str, change: Any) -> str:
+        request = tuning_request(sm, name, dataset_uri, spec=spec, max_jobs=2)
+        change(request)
+        with pytest.raises(ClientError) as err:
+            raw.create_hyper_parameter_tuning_job(**request)
+        assert err.value.response["Error"]["Code"] == "ValidationException", err.value.response
+        return err.value.response["Error"]["Message"]
+
+    config = "HyperParameterTuningJobConfig"
+    continuous = lambda r: r[config]["ParameterRanges"]["ContinuousParameterRanges"][0]  # noqa: E731
+    assert "less than or equal to 32" in rejected("t" * 33, lambda r: None)
+    assert "greater than or equal to 1" in rejected(
+        "standin-bad-limit", lambda r: r[config]["ResourceLimits"].update(MaxNumberOfTrainingJobs=0)
+    )
+    assert "Logarithmic" in rejected("standin-bad-log", lambda r: continuous(r).update(MinValue="0"))
+    assert "greater than MaxValue" in rejected("standin-bad-minmax", lambda r: continuous(r).update(MinValue="0.1"))
+    assert "must be numbers" in rejected("standin-bad-number", lambda r: continuous(r).update(MaxValue="lots"))
+    assert "MetricDefinitions" in rejected(
+        "standin-bad-objective", lambda r: r[config]["HyperParameterTuningJobObjective"].update(MetricName="f1")
+    )
+    assert "both static" in rejected(
+        "standin-bad-static",
+        lambda r: r["TrainingJobDefinition"]["StaticHyperParameters"].update(learning_rate="0.1"),
+    )
+    assert "Grid" in rejected("standin-bad-strategy", lambda r: r[config].update(Strategy="Grid"))
+    assert sm.client("sagemaker").list_hyper_parameter_tuning_jobs()["HyperParameterTuningJobSummaries"] == []
+    assert not any(
+        j["TrainingJobName"].startswith("standin-bad") for j in raw.list_training_jobs()["TrainingJobSummaries"]
+    )
+
+
+def test_a_tuning_job_runs_its_trials_as_training_jobs_and_reports_the_best(sm, dataset_uri):
+    client = sm.client("sagemaker")
+    name = "standin-tune"
+    request = tuning_request(sm, name, dataset_uri, spec=spec_json(max_steps=4, checkpoint_every_steps=100), max_jobs=2)
+    arn = client.create_hyper_parameter_tuning_job(**request)["HyperParameterTuningJobArn"]
+    desc = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+    assert desc["HyperParameterTuningJobStatus"] == "InProgress" and desc["HyperParameterTuningJobArn"] == arn
+    assert desc["HyperParameterTuningJobConfig"]["TrainingJobEarlyStoppingType"] == "Auto"
+
+    running_at_once = 0  # MaxParallelTrainingJobs 1: never two trials at a time
+    deadline = time.monotonic() + 240
+    while desc["HyperParameterTuningJobStatus"] == "InProgress":
+        running_at_once = max(running_at_once, sum(t["TrainingJobStatus"] == "InProgress" for t in trials_of(sm, name)))
+        assert time.monotonic() < deadline, desc
+        time.sleep(0.5)
+        desc = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+    trials = sorted(trials_of(sm, name), key=lambda t: t["TrainingJobName"])
+    assert desc["HyperParameterTuningJobStatus"] == "Completed", (
+        desc.get("FailureReason"),
+        {t["TrainingJobName"]: logs_of(sm, t["TrainingJobName"])[-2000:] for t in trials},
+    )
+    assert running_at_once == 1
+    assert desc["TrainingJobStatusCounters"] == {
+        "Completed": 2,
+        "InProgress": 0,
+        "RetryableError": 0,
+        "NonRetryableError": 0,
+        "Stopped": 0,
+    }
+    assert desc["ObjectiveStatusCounters"] == {"Succeeded": 2, "Pending": 0, "Failed": 0}
+    assert desc["HyperParameterTuningEndTime"] >= desc["CreationTime"] and "FailureReason" not in desc
+
+    # Two real training jobs with SageMaker's names, the definition's fields and the sampled values as strings.
+    assert len(trials) == 2 and [t["TrainingJobName"][len(name) : len(name) + 4] for t in trials] == ["-001", "-002"]
+    values = {}
+    for trial in trials:
+        job = trial["TrainingJobName"]
+        assert re.fullmatch(TRIAL_NAME.format(tuning=name), job)
+        assert (trial["TrainingJobStatus"], trial["ObjectiveStatus"], trial["TuningJobName"]) == (
+            "Completed",
+            "Succeeded",
+            name,
+        )
+        tuned = trial["TunedHyperParameters"]
+        assert set(tuned) == {"learning_rate", "per_device_batch_size"}
+        assert 1e-5 <= float(tuned["learning_rate"]) <= 1e-3 and 4 <= int(tuned["per_device_batch_size"]) <= 8
+        hyperparameters = json.loads((sm.training_root(job) / "input/config/hyperparameters.json").read_text())
+        assert hyperparameters == {
+            "llmops_spec": request["TrainingJobDefinition"]["StaticHyperParameters"]["llmops_spec"],
+            **tuned,
+        }
+
+        described = client.describe_training_job(TrainingJobName=job)
+        assert described["TuningJobArn"] == arn and described["HyperParameters"] == hyperparameters
+        assert described["AlgorithmSpecification"]["MetricDefinitions"] == TUNING_METRICS
+        assert described["CheckpointConfig"]["S3Uri"] == sm.s3_uri(f"checkpoints/{name}/{job}")
+        assert described["ModelArtifacts"]["S3ModelArtifacts"] == sm.s3_uri(f"tuning/{job}/output/model.tar.gz")
+        # FinalMetricDataList: every metric definition's value in the job's result line.
+        printed = result_metrics(sm, job)
+        final = {m["MetricName"]: m["Value"] for m in described["FinalMetricDataList"]}
+        assert final == pytest.approx({"eval_accuracy": printed["eval_accuracy"], "eval_loss": printed["eval_loss"]})
+        objective = trial["FinalHyperParameterTuningJobObjectiveMetric"]
+        assert objective["MetricName"] == "eval_accuracy" and objective["Value"] == pytest.approx(
+            final["eval_accuracy"]
+        )
+        values[job] = objective["Value"]
+
+    best = desc["BestTrainingJob"]
+    top = max(values.values())
+    assert best["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == pytest.approx(top)
+    assert best["FinalHyperParameterTuningJobObjectiveMetric"]["MetricName"] == "eval_accuracy"
+    assert values[best["TrainingJobName"]] == top
+    if len(set(values.values())) == 2:
+        assert best["TrainingJobName"] == max(values, key=values.__getitem__)
+    assert best["TrainingJobStatus"] == "Completed" and best["ObjectiveStatus"] == "Succeeded"
+    assert (
+        best["TunedHyperParameters"]
+        == next(t for t in trials if t["TrainingJobName"] == best["TrainingJobName"])["TunedHyperParameters"]
+    )
+    assert result_metrics(sm, best["TrainingJobName"])["eval_accuracy"] == pytest.approx(top)
+    # The list sorts by the objective too.
+    by_value = client.list_training_jobs_for_hyper_parameter_tuning_job(
+        HyperParameterTuningJobName=name, SortBy="FinalObjectiveMetricValue", SortOrder="Descending", MaxResults=1
+    )
+    assert by_value["TrainingJobSummaries"][0]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == top
+    assert "NextToken" in by_value
+
+
+def test_a_tuning_job_whose_trials_all_fail_fails(sm, dataset_uri):
+    name = "standin-tune-bad"
+    request = tuning_request(sm, name, dataset_uri, spec=json.dumps({"max_steps": "many"}), max_jobs=2, parallel=2)
+    sm.client("sagemaker").create_hyper_parameter_tuning_job(**request)
+    desc = sm.wait_tuning(name, timeout=120)
+
+    assert desc["HyperParameterTuningJobStatus"] == "Failed"
+    assert "No training job succeeded after 2 attempts" in desc["FailureReason"]
+    assert desc["TrainingJobStatusCounters"]["NonRetryableError"] == 2
+    assert desc["ObjectiveStatusCounters"] == {"Succeeded": 0, "Pending": 0, "Failed": 2}
+    assert "BestTrainingJob" not in desc
+    trials = trials_of(sm, name)
+    assert len(trials) == 2
+    for trial in trials:
+        assert (trial["TrainingJobStatus"], trial["ObjectiveStatus"]) == ("Failed", "Failed")
+        assert trial["FailureReason"].startswith("AlgorithmError: ")
+        assert "FinalHyperParameterTuningJobObjectiveMetric" not in trial
+
+
+def test_stop_hyper_parameter_tuning_job_stops_its_running_trial(sm, dataset_uri):
+    from botocore.exceptions import ClientError
+
+    client = sm.client("sagemaker")
+    name = "standin-tune-stop"
+    spec = spec_json(max_steps=100_000, checkpoint_every_steps=100_000)
+    client.create_hyper_parameter_tuning_job(**tuning_request(sm, name, dataset_uri, spec=spec, max_jobs=3))
+    deadline = time.monotonic() + 120
+    while not (trials := trials_of(sm, name)) or "torch.distributed.run" not in logs_of(
+        sm, trials[0]["TrainingJobName"]
+    ):
+        assert time.monotonic() < deadline, trials
+        time.sleep(0.2)
+    job = trials[0]["TrainingJobName"]
+
+    client.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
+    assert (
+        client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)["HyperParameterTuningJobStatus"]
+        == "Stopping"
+    )
+    assert client.describe_training_job(TrainingJobName=job)["TrainingJobStatus"] == "Stopping"
+    desc = sm.wait_tuning(name, timeout=120)
+
+    assert desc["HyperParameterTuningJobStatus"] == "Stopped"
+    assert desc["TrainingJobStatusCounters"]["Stopped"] == 1 and desc["TrainingJobStatusCounters"]["InProgress"] == 0
+    assert desc["ObjectiveStatusCounters"] == {"Succeeded": 0, "Pending": 0, "Failed": 1}
+    assert [t["TrainingJobName"] for t in trials_of(sm, name)] == [job]  # no trial launched after the stop
+    trial = client.describe_training_job(TrainingJobName=job)
+    assert (trial["TrainingJobStatus"], trial["SecondaryStatus"]) == ("Stopped", "Stopped")
+    assert "got SIGTERM" in logs_of(sm, job)
+    assert processes_under(sm.training_root(job)) == []
+    with pytest.raises(ClientError, match="ValidationException"):
+        client.stop_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)

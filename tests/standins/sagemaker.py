@@ -7,7 +7,23 @@ so that:
 
 * a training job runs its container command once per instance in a ``/opt/ml``-like folder of its own, with
   SageMaker's statuses moving as the processes do (InProgress: Starting, Downloading, Training, Uploading; then
-  Completed, Failed, Stopped), its logs in CloudWatch Logs, its checkpoints synced to S3, spot interruptions;
+  Completed, Failed, Stopped), its logs in CloudWatch Logs, its checkpoints synced to S3, spot interruptions; when
+  it ends, FinalMetricDataList holds, for each of its AlgorithmSpecification.MetricDefinitions, the first group of
+  the regex's last match in its CloudWatch log lines;
+* a hyperparameter tuning job (Random or Bayesian strategy) launches its trials as real training jobs like the
+  above, at most ``MaxParallelTrainingJobs`` at a time, until ``MaxNumberOfTrainingJobs`` have run: SageMaker's
+  names (``<tuning job>-<NNN>-<8 hex>``), TrainingJobDefinition's fields, StaticHyperParameters plus one value per
+  ParameterRange as a string. Both strategies sample at random here (uniformly on the range's scale; Auto is taken
+  as Linear), seeded by the stand-in's ``seed`` (or the request's RandomSeed): no Bayesian model. A trial's objective
+  is its FinalMetricDataList value for the objective metric; a Failed trial, or one without that metric, has a
+  Failed objective. DescribeHyperParameterTuningJob shows InProgress, then Completed, Failed (no trial had an
+  objective value) or Stopping/Stopped (StopHyperParameterTuningJob, not in moto, stops the running trials as
+  StopTrainingJob does), the status and objective counters (a failed trial counts as NonRetryableError: none is
+  retried) and BestTrainingJob; ListTrainingJobsForHyperParameterTuningJob (not in moto) lists the trials. A trial's
+  CheckpointConfig.S3Uri gets the trial's name appended (no trial resumes from another's checkpoints).
+  TrainingJobEarlyStoppingType is stored (default Off) but nothing is stopped early; ResourceLimits'
+  MaxRuntimeInSeconds is stored, not enforced. Not emulated (rejected): the Hyperband and Grid strategies,
+  TrainingJobDefinitions, WarmStartConfig, Autotune, TuningJobCompletionCriteria;
 * an endpoint starts one real model server per variant (the serving command) and InvokeEndpoint forwards to them by
   the variants' weights, puts SageMaker's CloudWatch metrics and writes Data Capture files to S3; UpdateEndpoint
   (not in moto) runs SageMaker's blue/green deployment with its guardrails (canary, linear, all at once, baking,
@@ -404,7 +420,8 @@ class SageMakerStandIn:
     between two steps of the clock. ``checkpoint_sync_seconds``: how often running hosts' checkpoints go to S3.
     ``stop_grace_seconds``: SIGTERM to SIGKILL for a stopped job (SageMaker gives 120 s).
     ``min_transition_seconds``: an endpoint leaves Updating/RollingBack once a DescribeEndpoint has seen it, or after
-    this long. ``server_start_timeout``: how long a model server may take to answer /ping.
+    this long. ``server_start_timeout``: how long a model server may take to answer /ping. ``seed``: the random
+    choices (variants by weight, data capture sampling, tuning jobs' sampled hyperparameters and trial names).
     """
 
     def __init__(
@@ -752,6 +769,23 @@ class SageMakerStandIn:
             statuses,
             timeout,
             f"training job {job_name}",
+        )
+
+    def wait_tuning(
+        self,
+        tuning_job_name: str,
+        statuses: Sequence[str] = ("Completed", "Failed", "Stopped"),
+        timeout: float = 600,
+    ) -> dict[str, Any]:
+        """Poll DescribeHyperParameterTuningJob until its status is one of ``statuses``; returns the description."""
+        return self._wait(
+            lambda: self.client("sagemaker").describe_hyper_parameter_tuning_job(
+                HyperParameterTuningJobName=tuning_job_name
+            ),
+            "HyperParameterTuningJobStatus",
+            statuses,
+            timeout,
+            f"tuning job {tuning_job_name}",
         )
 
     def wait_endpoint(
@@ -1368,6 +1402,379 @@ class SageMakerStandIn:
             run.phase = "interrupted"
         else:
             self._finish(run, "Failed", reason="InternalServerError: the training instances were lost (interrupted)")
+
+    # -- hyperparameter tuning: requests -----------------------------------------------------------------------------
+    def _on_create_hyper_parameter_tuning_job(self, resp: Any, original: Callable[[Any], Any]) -> Any:
+        from moto.sagemaker.exceptions import ValidationError
+
+        self._check_region(resp)
+        name = resp._get_param("HyperParameterTuningJobName")
+        config = copy.deepcopy(resp._get_param("HyperParameterTuningJobConfig") or {})
+        definition = copy.deepcopy(resp._get_param("TrainingJobDefinition"))
+        unsupported = [
+            key for key in ("TrainingJobDefinitions", "WarmStartConfig", "Autotune") if resp._get_param(key)
+        ] + [f"HyperParameterTuningJobConfig.{key}" for key in ("TuningJobCompletionCriteria",) if config.get(key)]
+        if unsupported:
+            raise ValidationError(message=f"the stand-in does not emulate {', '.join(unsupported)}")
+        try:
+            tuning = self._plan_tuning(name, config, definition)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValidationError(message=str(err).strip("'\"")) from None
+        config.setdefault("TrainingJobEarlyStoppingType", "Off")  # stored and shown; no early stopping is emulated
+        with self._lock:
+            result = original(resp)  # moto: ResourceInUse for a name in use
+            obj = resp.sagemaker_backend.hyper_parameter_tuning_jobs[name]
+            now = _utcnow()
+            # As for training jobs: every attribute DescribeHyperParameterTuningJob shows is set once here.
+            obj.hyper_parameter_tuning_job_config = config
+            obj.training_job_definition = definition
+            obj.hyper_parameter_tuning_job_status = "InProgress"
+            obj.creation_time = obj.last_modified_time = now
+            obj.hyper_parameter_tuning_end_time = None
+            obj.training_job_status_counters = dict.fromkeys(TRAINING_COUNTERS, 0)
+            obj.objective_status_counters = dict.fromkeys(OBJECTIVE_COUNTERS, 0)
+            obj.best_training_job = None
+            obj.OverallBestTrainingJob = None  # only for warm starts (not emulated)
+            obj.failure_reason = None
+            obj.tuning_job_completion_details = None
+            obj.consumed_resources = {"RuntimeInSeconds": 0}
+            tuning.arn = obj.arn
+            self._tunings[name] = tuning
+        return result
+
+    def _plan_tuning(self, name: Any, config: dict[str, Any], definition: Any) -> _Tuning:
+        """Check a CreateHyperParameterTuningJob request as SageMaker does where that is cheap (ValueError says what
+        is wrong); the tuning job it asks for."""
+        if not isinstance(name, str) or len(name) > TUNING_NAME_MAX:
+            raise ValueError(
+                f"1 validation error detected: Value '{name}' at 'hyperParameterTuningJobName' failed to satisfy "
+                f"constraint: Member must have length less than or equal to {TUNING_NAME_MAX}"
+            )
+        if not TUNING_NAME_PATTERN.fullmatch(name):
+            raise ValueError(
+                f"1 validation error detected: Value '{name}' at 'hyperParameterTuningJobName' failed to satisfy "
+                f"constraint: Member must satisfy regular expression pattern: {TUNING_NAME_PATTERN.pattern}"
+            )
+        strategy = config.get("Strategy")
+        if strategy not in EMULATED_STRATEGIES:
+            if strategy in ("Hyperband", "Grid"):
+                raise ValueError(f"the stand-in does not emulate the {strategy} strategy (Bayesian and Random only)")
+            raise ValueError(
+                f"1 validation error detected: Value '{strategy}' at 'hyperParameterTuningJobConfig.strategy' failed "
+                "to satisfy constraint: Member must satisfy enum value set: [Bayesian, Random, Hyperband, Grid]"
+            )
+        if not isinstance(definition, dict):
+            raise ValueError("TrainingJobDefinition is required (the stand-in does not emulate TrainingJobDefinitions)")
+        for key in ("AlgorithmSpecification", "RoleArn", "OutputDataConfig", "ResourceConfig", "StoppingCondition"):
+            if not definition.get(key):
+                extra = " (HyperParameterTuningResourceConfig is not emulated)" if key == "ResourceConfig" else ""
+                raise ValueError(f"TrainingJobDefinition.{key} is required{extra}")
+        if not (definition.get("OutputDataConfig") or {}).get("S3OutputPath"):
+            raise ValueError("TrainingJobDefinition.OutputDataConfig.S3OutputPath is required")
+        objective = config.get("HyperParameterTuningJobObjective") or {}
+        if objective.get("Type") not in ("Maximize", "Minimize") or not objective.get("MetricName"):
+            raise ValueError(
+                "HyperParameterTuningJobObjective needs a Type (Maximize or Minimize) and a MetricName for the "
+                f"{strategy} strategy"
+            )
+        metrics = [
+            d.get("Name") for d in definition["AlgorithmSpecification"].get("MetricDefinitions") or [] if d.get("Name")
+        ]
+        if objective["MetricName"] not in metrics:
+            raise ValueError(
+                f"The objective metric for the hyperparameter tuning job, [{objective['MetricName']}], isn't valid "
+                f"for the specified algorithm: it is not one of the MetricDefinitions {metrics}."
+            )
+        for definition_of_metric in definition["AlgorithmSpecification"].get("MetricDefinitions") or []:
+            try:
+                re.compile(definition_of_metric.get("Regex") or "")
+            except re.error as err:
+                raise ValueError(
+                    f"metric definition {definition_of_metric.get('Name')}: invalid Regex: {err}"
+                ) from None
+        limits = config.get("ResourceLimits") or {}
+        for key in ("MaxNumberOfTrainingJobs", "MaxParallelTrainingJobs"):
+            value = limits.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"1 validation error detected: Value '{value}' at 'hyperParameterTuningJobConfig.resourceLimits."
+                    f"{key[0].lower()}{key[1:]}' failed to satisfy constraint: Member must have value greater than "
+                    "or equal to 1"
+                )
+        stopping = config.get("TrainingJobEarlyStoppingType", "Off")
+        if stopping not in ("Off", "Auto"):
+            raise ValueError(
+                f"1 validation error detected: Value '{stopping}' at 'hyperParameterTuningJobConfig."
+                "trainingJobEarlyStoppingType' failed to satisfy constraint: Member must satisfy enum value set: "
+                "[Off, Auto]"
+            )
+        ranges = _parse_ranges(config.get("ParameterRanges") or {}, definition.get("StaticHyperParameters") or {})
+        seed = config.get("RandomSeed")  # SageMaker's own seed for the search; else the stand-in's
+        if seed is None and self.seed is not None:
+            seed = f"{self.seed}/{name}"
+        return _Tuning(
+            name=name,
+            objective={"Type": objective["Type"], "MetricName": objective["MetricName"]},
+            definition=definition,
+            ranges=ranges,
+            max_jobs=limits["MaxNumberOfTrainingJobs"],
+            max_parallel=limits["MaxParallelTrainingJobs"],
+            random=random.Random(seed),
+        )
+
+    def _on_describe_hyper_parameter_tuning_job(self, resp: Any, original: Callable[[Any], Any]) -> Any:
+        with self._lock:
+            return _copied(original(resp))
+
+    def _on_list_hyper_parameter_tuning_jobs(self, resp: Any, original: Callable[[Any], Any]) -> Any:
+        with self._lock:
+            return _copied(original(resp))
+
+    def _tuning_or_raise(self, resp: Any, name: str) -> tuple[Any, _Tuning | None]:
+        from moto.sagemaker.exceptions import ResourceNotFound
+
+        obj = resp.sagemaker_backend.hyper_parameter_tuning_jobs.get(name)
+        if obj is None:
+            raise ResourceNotFound(message=f"Amazon SageMaker can't find a tuning job with name {name}")
+        return obj, self._tunings.get(name)
+
+    def _on_stop_hyper_parameter_tuning_job(self, resp: Any) -> Any:
+        """StopHyperParameterTuningJob (not in moto): Stopping; its running training jobs are stopped as
+        StopTrainingJob stops them, no more are launched; Stopped once they all ended."""
+        from moto.core.responses import EmptyResult
+        from moto.sagemaker.exceptions import ValidationError
+
+        name = resp._get_param("HyperParameterTuningJobName")
+        with self._lock:
+            obj, tuning = self._tuning_or_raise(resp, name)
+            status = obj.hyper_parameter_tuning_job_status
+            if tuning is None or status != "InProgress":
+                raise ValidationError(
+                    message=f"The request was rejected because the hyperparameter tuning job is in status {status}."
+                )
+            tuning.stop_requested = True
+            obj.hyper_parameter_tuning_job_status = "Stopping"
+            obj.last_modified_time = _utcnow()
+            for trial in tuning.trials:
+                job = resp.sagemaker_backend.training_jobs.get(trial.name)
+                run = self._runs.get(trial.name)
+                if job is not None and run is not None and job.training_job_status == "InProgress":
+                    self._request_stop(job, run)
+        return EmptyResult()
+
+    def _on_delete_hyper_parameter_tuning_job(self, resp: Any, original: Callable[[Any], Any]) -> Any:
+        from moto.sagemaker.exceptions import ValidationError
+
+        name = resp._get_param("HyperParameterTuningJobName")
+        with self._lock:
+            obj, _ = self._tuning_or_raise(resp, name)
+            status = obj.hyper_parameter_tuning_job_status
+            if status in ("InProgress", "Stopping"):
+                raise ValidationError(
+                    message=f"The request was rejected because the hyperparameter tuning job is in status {status}."
+                )
+            result = original(resp)
+            self._tunings.pop(name, None)
+        return result
+
+    def _on_list_training_jobs_for_hyper_parameter_tuning_job(self, resp: Any) -> Any:
+        """ListTrainingJobsForHyperParameterTuningJob (not in moto): the trials as HyperParameterTrainingJobSummary,
+        sorted by Name (default), CreationTime, Status or FinalObjectiveMetricValue (only trials with a value),
+        Ascending by default; NextToken is an offset."""
+        from moto.core.responses import ActionResult
+        from moto.sagemaker.exceptions import ValidationError
+
+        name = resp._get_param("HyperParameterTuningJobName")
+        sort_by = resp._get_param("SortBy") or "Name"
+        order = resp._get_param("SortOrder") or "Ascending"
+        status = resp._get_param("StatusEquals")
+        limit = int(resp._get_param("MaxResults") or 10)
+        token = resp._get_param("NextToken")
+        if sort_by not in ("Name", "CreationTime", "Status", "FinalObjectiveMetricValue"):
+            raise ValidationError(message=f"Invalid SortBy: {sort_by}")
+        if order not in ("Ascending", "Descending") or not 1 <= limit <= 100:
+            raise ValidationError(message="Invalid SortOrder or MaxResults (1 to 100)")
+        with self._lock:
+            _, tuning = self._tuning_or_raise(resp, name)
+            summaries = [self._trial_summary(tuning, t) for t in tuning.trials] if tuning is not None else []
+        if status:
+            summaries = [s for s in summaries if s["TrainingJobStatus"] == status]
+        if sort_by == "FinalObjectiveMetricValue":
+            summaries = [s for s in summaries if "FinalHyperParameterTuningJobObjectiveMetric" in s]
+        keys: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "Name": lambda s: s["TrainingJobName"],
+            "CreationTime": lambda s: s["CreationTime"],
+            "Status": lambda s: s["TrainingJobStatus"],
+            "FinalObjectiveMetricValue": lambda s: s["FinalHyperParameterTuningJobObjectiveMetric"]["Value"],
+        }
+        summaries.sort(key=keys[sort_by], reverse=order == "Descending")
+        try:
+            start = int(token) if token else 0
+        except ValueError:
+            raise ValidationError(message="Invalid pagination token") from None
+        page = summaries[start : start + limit]
+        more = start + limit < len(summaries)
+        return ActionResult({"TrainingJobSummaries": page, "NextToken": str(start + limit) if more else None})
+
+    def _trial_summary(self, tuning: _Tuning, trial: _Trial) -> dict[str, Any]:
+        """(Caller holds the lock.) A trial as SageMaker's HyperParameterTrainingJobSummary."""
+        job = self._backend.training_jobs[trial.name]
+        summary: dict[str, Any] = {
+            "TrainingJobName": trial.name,
+            "TrainingJobArn": job.arn,
+            "TuningJobName": tuning.name,
+            "CreationTime": job.creation_time,
+            "TrainingJobStatus": job.training_job_status,
+            "TunedHyperParameters": dict(trial.tuned),
+        }
+        if job.training_start_time is not None:
+            summary["TrainingStartTime"] = job.training_start_time
+        if job.training_end_time is not None:
+            summary["TrainingEndTime"] = job.training_end_time
+        if job.failure_reason:
+            summary["FailureReason"] = job.failure_reason
+        if trial.settled and trial.value is not None:
+            summary["FinalHyperParameterTuningJobObjectiveMetric"] = {**tuning.objective, "Value": trial.value}
+        summary["ObjectiveStatus"] = (
+            "Pending" if not trial.settled else "Succeeded" if trial.value is not None else "Failed"
+        )
+        return copy.deepcopy(summary)
+
+    # -- hyperparameter tuning: the clock ----------------------------------------------------------------------------
+    def _advance_tuning(self, tuning: _Tuning) -> None:
+        """Read the objective of the trials that ended, launch new ones up to MaxParallelTrainingJobs (until
+        MaxNumberOfTrainingJobs were launched), and show it all in DescribeHyperParameterTuningJob."""
+        if tuning.done:
+            return
+        metric = tuning.objective["MetricName"]
+        with self._lock:
+            if tuning.name not in self._backend.hyper_parameter_tuning_jobs:
+                tuning.done = True
+                return
+            for trial in tuning.trials:
+                job = self._backend.training_jobs.get(trial.name)
+                if trial.settled or job is None or job.training_job_status not in TERMINAL_TRAINING:
+                    continue
+                values = [m["Value"] for m in job.final_metric_data_list or [] if m.get("MetricName") == metric]
+                trial.value = float(values[-1]) if values and job.training_job_status != "Failed" else None
+                trial.status = job.training_job_status
+                trial.settled = True
+        while (
+            not tuning.stop_requested
+            and len(tuning.trials) < tuning.max_jobs
+            and sum(not t.settled for t in tuning.trials) < tuning.max_parallel
+        ):
+            self._launch_trial(tuning)
+        self._sync_tuning(tuning)
+
+    def _launch_trial(self, tuning: _Tuning) -> None:
+        """A training job for the next trial: TrainingJobDefinition's fields, StaticHyperParameters plus a value
+        sampled at random in each range, named ``<tuning job>-<NNN>-<8 hex>`` as SageMaker names them."""
+        index = len(tuning.trials) + 1
+        tuned = {r.name: r.sample(tuning.random) for r in tuning.ranges}
+        name = f"{tuning.name}-{index:03d}-{tuning.random.getrandbits(32):08x}"
+        d = tuning.definition
+        checkpoint = copy.deepcopy(d.get("CheckpointConfig")) or None
+        if checkpoint and checkpoint.get("S3Uri"):  # a folder per trial: no trial resumes from another's checkpoint
+            checkpoint["S3Uri"] = f"{checkpoint['S3Uri'].rstrip('/')}/{name}"
+        request: dict[str, Any] = {
+            "AlgorithmSpecification": copy.deepcopy(d["AlgorithmSpecification"]),
+            "HyperParameters": {**(d.get("StaticHyperParameters") or {}), **tuned},
+            "InputDataConfig": copy.deepcopy(d.get("InputDataConfig")),
+            "OutputDataConfig": copy.deepcopy(d["OutputDataConfig"]),
+            "ResourceConfig": copy.deepcopy(d["ResourceConfig"]),
+            "StoppingCondition": copy.deepcopy(d["StoppingCondition"]),
+            "CheckpointConfig": checkpoint,
+            "Environment": copy.deepcopy(d.get("Environment")),
+            "EnableManagedSpotTraining": bool(d.get("EnableManagedSpotTraining")),
+            "RetryStrategy": copy.deepcopy(d.get("RetryStrategy")),
+        }
+        with self._lock:
+            if tuning.stop_requested:  # StopHyperParameterTuningJob came in meanwhile
+                return
+            backend = self._backend
+            self._check_new_training_name(backend, name)
+            backend.create_training_job(  # what moto's CreateTrainingJob handler calls
+                training_job_name=name,
+                hyper_parameters=dict(request["HyperParameters"]),
+                algorithm_specification=copy.deepcopy(request["AlgorithmSpecification"]),
+                role_arn=d["RoleArn"],
+                input_data_config=copy.deepcopy(request["InputDataConfig"]),
+                output_data_config=copy.deepcopy(request["OutputDataConfig"]),
+                resource_config=copy.deepcopy(request["ResourceConfig"]),
+                vpc_config=copy.deepcopy(d.get("VpcConfig")),
+                stopping_condition=copy.deepcopy(request["StoppingCondition"]),
+                tags=[],
+                enable_network_isolation=bool(d.get("EnableNetworkIsolation")),
+                enable_inter_container_traffic_encryption=bool(d.get("EnableInterContainerTrafficEncryption")),
+                enable_managed_spot_training=request["EnableManagedSpotTraining"],
+                checkpoint_config=copy.deepcopy(checkpoint),
+                debug_hook_config=None,
+                debug_rule_configurations=None,
+                tensor_board_output_config=None,
+                experiment_config=None,
+            )
+            self._adopt_training_job(backend.training_jobs[name], request, tuning_arn=tuning.arn)
+            tuning.trials.append(_Trial(name=name, index=index, tuned=tuned))
+
+    def _best_trial(self, tuning: _Tuning) -> _Trial | None:
+        scored = [t for t in tuning.trials if t.settled and t.value is not None]
+        if not scored:
+            return None
+        sign = 1.0 if tuning.objective["Type"] == "Maximize" else -1.0
+        return max(scored, key=lambda t: (sign * (t.value or 0.0), -t.index))  # a tie goes to the earlier trial
+
+    def _sync_tuning(self, tuning: _Tuning) -> None:
+        """What DescribeHyperParameterTuningJob shows: status, counters, BestTrainingJob; the end once every trial
+        ended (all launched, or stop requested): Stopped, Failed when no trial has an objective value, else
+        Completed."""
+        with self._lock:
+            obj = self._backend.hyper_parameter_tuning_jobs.get(tuning.name)
+            if obj is None:
+                tuning.done = True
+                return
+            counters = dict.fromkeys(TRAINING_COUNTERS, 0)
+            objectives = dict.fromkeys(OBJECTIVE_COUNTERS, 0)
+            for trial in tuning.trials:
+                if not trial.settled:
+                    counters["InProgress"] += 1
+                    objectives["Pending"] += 1
+                    continue
+                counters[trial.status if trial.status in ("Completed", "Stopped") else "NonRetryableError"] += 1
+                objectives["Succeeded" if trial.value is not None else "Failed"] += 1
+            finished = all(t.settled for t in tuning.trials) and (
+                tuning.stop_requested or len(tuning.trials) >= tuning.max_jobs
+            )
+            status, reason = obj.hyper_parameter_tuning_job_status, None
+            if finished:
+                if tuning.stop_requested:
+                    status = "Stopped"
+                elif objectives["Succeeded"] == 0:
+                    status = "Failed"
+                    first = self._backend.training_jobs.get(tuning.trials[0].name) if tuning.trials else None
+                    why = (first.failure_reason if first is not None else None) or "no objective metric in its log"
+                    reason = (
+                        f"No training job succeeded after {len(tuning.trials)} attempts. For additional details, "
+                        "please take a look at the training job failures by listing training jobs for the "
+                        f"hyperparameter tuning job. The first one: {why}"
+                    )[:FAILURE_REASON_MAX]
+                else:
+                    status = "Completed"
+            best = self._best_trial(tuning)
+            shown = (status, counters, objectives, best.name if best else None)
+            if shown != tuning.shown:
+                tuning.shown = shown
+                now = _utcnow()
+                obj.hyper_parameter_tuning_job_status = status
+                obj.training_job_status_counters = counters
+                obj.objective_status_counters = objectives
+                obj.best_training_job = self._trial_summary(tuning, best) if best is not None else None
+                obj.failure_reason = reason
+                obj.last_modified_time = now
+                if finished:
+                    obj.hyper_parameter_tuning_end_time = now
+                    tuning.done = True
+            obj.consumed_resources = {"RuntimeInSeconds": int(time.monotonic() - tuning.created)}
 
     # -- endpoints: requests -----------------------------------------------------------------------------------------
     def _on_create_endpoint_config(self, resp: Any, original: Callable[[Any], Any]) -> Any:
@@ -2123,6 +2530,39 @@ class SageMakerStandIn:
             (SageMakerResponse, "stop_training_job", plain("stop_training_job", standin._on_stop_training_job)),
             (
                 SageMakerResponse,
+                "create_hyper_parameter_tuning_job",
+                wrap("create_hyper_parameter_tuning_job", standin._on_create_hyper_parameter_tuning_job),
+            ),
+            (
+                SageMakerResponse,
+                "describe_hyper_parameter_tuning_job",
+                wrap("describe_hyper_parameter_tuning_job", standin._on_describe_hyper_parameter_tuning_job),
+            ),
+            (
+                SageMakerResponse,
+                "list_hyper_parameter_tuning_jobs",
+                wrap("list_hyper_parameter_tuning_jobs", standin._on_list_hyper_parameter_tuning_jobs),
+            ),
+            (
+                SageMakerResponse,
+                "delete_hyper_parameter_tuning_job",
+                wrap("delete_hyper_parameter_tuning_job", standin._on_delete_hyper_parameter_tuning_job),
+            ),
+            (
+                SageMakerResponse,
+                "stop_hyper_parameter_tuning_job",
+                plain("stop_hyper_parameter_tuning_job", standin._on_stop_hyper_parameter_tuning_job),
+            ),
+            (
+                SageMakerResponse,
+                "list_training_jobs_for_hyper_parameter_tuning_job",
+                plain(
+                    "list_training_jobs_for_hyper_parameter_tuning_job",
+                    standin._on_list_training_jobs_for_hyper_parameter_tuning_job,
+                ),
+            ),
+            (
+                SageMakerResponse,
                 "create_endpoint_config",
                 wrap("create_endpoint_config", standin._on_create_endpoint_config),
             ),
@@ -2141,6 +2581,75 @@ class SageMakerStandIn:
             patch = mock.patch.object(cls, name, fn, create=True)
             patch.start()
             self._patches.append(patch)
+
+
+def _parse_ranges(ranges: Mapping[str, Any], static: Mapping[str, Any]) -> list[_Range]:
+    """ParameterRanges checked as SageMaker checks them (ValueError says what is wrong), parsed."""
+    parsed: list[_Range] = []
+    for kind, key in (
+        ("continuous", "ContinuousParameterRanges"),
+        ("integer", "IntegerParameterRanges"),
+        ("categorical", "CategoricalParameterRanges"),
+    ):
+        for item in ranges.get(key) or []:
+            name = item.get("Name")
+            if not name:
+                raise ValueError(f"ParameterRanges.{key}: every range needs a Name")
+            if kind == "categorical":
+                values = item.get("Values") or []
+                if not 1 <= len(values) <= MAX_CATEGORICAL_VALUES or not all(isinstance(v, str) for v in values):
+                    raise ValueError(
+                        f"The categorical hyperparameter {name} must have between 1 and {MAX_CATEGORICAL_VALUES} values"
+                    )
+                parsed.append(_Range(name=name, kind=kind, values=tuple(values)))
+                continue
+            scaling = item.get("ScalingType") or "Auto"
+            if scaling not in SCALING_TYPES or (kind == "integer" and scaling == "ReverseLogarithmic"):
+                raise ValueError(
+                    f"The hyperparameter {name} has ScalingType {scaling}: "
+                    + (
+                        "ReverseLogarithmic scaling is supported only for continuous hyperparameters"
+                        if scaling == "ReverseLogarithmic"
+                        else f"valid ScalingType values are {', '.join(SCALING_TYPES)}"
+                    )
+                )
+            cast: Callable[[str], float] = int if kind == "integer" else float
+            try:
+                low, high = cast(str(item.get("MinValue"))), cast(str(item.get("MaxValue")))
+            except ValueError:
+                raise ValueError(
+                    f"The hyperparameter {name} has MinValue {item.get('MinValue')!r} and MaxValue "
+                    f"{item.get('MaxValue')!r}: they must be {'integers' if kind == 'integer' else 'numbers'}"
+                ) from None
+            if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+                raise ValueError(
+                    f"The hyperparameter {name} has MinValue {low} greater than MaxValue {high} (or one is not finite)"
+                )
+            if scaling == "Logarithmic" and low <= 0:
+                raise ValueError(
+                    f"The hyperparameter {name} uses Logarithmic scaling: it works only for ranges whose values are "
+                    "all greater than 0"
+                )
+            if scaling == "ReverseLogarithmic" and not (low >= 0 and high < 1):
+                raise ValueError(
+                    f"The hyperparameter {name} uses ReverseLogarithmic scaling: it works only for ranges entirely "
+                    "within 0 <= x < 1.0"
+                )
+            parsed.append(_Range(name=name, kind=kind, low=low, high=high, scaling=scaling))
+    names = [r.name for r in parsed]
+    if not parsed:
+        raise ValueError("ParameterRanges must hold at least one range to tune")
+    if len(parsed) > MAX_TUNED_HYPERPARAMETERS:
+        raise ValueError(
+            f"A tuning job searches at most {MAX_TUNED_HYPERPARAMETERS} hyperparameters, not {len(parsed)}"
+        )
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"The hyperparameters {duplicates} are given more than one range")
+    both = sorted(set(names) & set(static))
+    if both:
+        raise ValueError(f"The hyperparameters {both} are both static (StaticHyperParameters) and tunable")
+    return parsed
 
 
 def _copied(result: Any) -> Any:
