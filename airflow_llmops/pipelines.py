@@ -201,6 +201,8 @@ def reference_pipeline(
             spec="{{ ti.xcom_pull(task_ids='plan')['specs']['training'] }}",
             dataset_uri="{{ ti.xcom_pull(task_ids='validate')['dataset_uri'] }}",
             progress_interval=10,
+            # A cloud job runs for hours: wait for it in the triggerer, not in a worker slot.
+            deferrable=platform != "local",
             execution_timeout=timedelta(hours=2),
             platform_options=train_options,
             **cloud,

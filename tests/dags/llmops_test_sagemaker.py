@@ -25,6 +25,7 @@ with DAG(
         "native_guardrails": Param(False, type="boolean"),
         "bake_seconds": Param(6, type="number"),
         "min_requests": Param(4, type="integer"),
+        "autoscaling": Param(None, type=["null", "object"]),
     },
 ) as dag:
     deploy = DeployModelOperator(
@@ -40,6 +41,7 @@ with DAG(
             "traffic_steps": "{{ params.traffic_steps if params.strategy == 'canary' else [] }}",
             "bake_seconds": "{{ params.bake_seconds }}",
             "native_guardrails": "{{ params.native_guardrails }}",
+            "autoscaling": "{{ params.autoscaling }}",
             "slo": {"p95_latency_ms": 5000, "max_error_rate": 0.05, "min_requests": "{{ params.min_requests }}"},
         },
     )

@@ -160,7 +160,8 @@ def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any) -> 
     v1 = deployed["variant"]
     uri = _register_again(mlflow_server.url, registered["version"])
     with Traffic(aws):
-        run2, rolled2 = _rollout({"model_uri": uri, "traffic_steps": [50, 100]})
+        scaling = {"min_instances": 1, "max_instances": 3, "target_invocations_per_instance": 50}
+        run2, rolled2 = _rollout({"model_uri": uri, "traffic_steps": [50, 100], "autoscaling": scaling})
     assert run2.state == "success", rolled2
     v2 = rolled2["variant"]
     assert rolled2["state"] == "succeeded" and [s["status"] for s in rolled2["steps"]] == ["passed", "passed"]
@@ -169,6 +170,10 @@ def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any) -> 
     platform = _platform()
     handle = EndpointHandle(platform="sagemaker", endpoint_name=ENDPOINT)
     assert platform.get_traffic(handle) == {v2: 100.0}
+    scaled = platform.scaling(ENDPOINT, v2)  # the promoted version follows the load
+    assert [(t["MinCapacity"], t["MaxCapacity"]) for t in scaled["targets"]] == [(1, 3)]
+    policy = scaled["policies"][0]["TargetTrackingScalingPolicyConfiguration"]
+    assert policy["TargetValue"] == 50 and "InvocationsPerInstance" in str(policy["PredefinedMetricSpecification"])
 
     # -- the next version answers errors: the canary breaches, the old weights come back -------------------------
     uri3 = _register_again(mlflow_server.url, registered["version"])
@@ -190,6 +195,7 @@ def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any) -> 
     assert run4.state == "success", rolled4
     v4 = rolled4["variant"]
     assert platform.get_traffic(handle) == {v4: 100.0}
+    assert platform.scaling(ENDPOINT, v2)["targets"] == []  # deregistered before SageMaker replaced its fleet
     update = aws.client("sagemaker").describe_endpoint(EndpointName=ENDPOINT)
     assert update["LastDeploymentConfig"]["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"]["Type"] == "CANARY"
     alarms = aws.client("cloudwatch").describe_alarms(AlarmNamePrefix=f"llmops-{ENDPOINT}-{v4}")["MetricAlarms"]

@@ -556,6 +556,10 @@ class SageMaker:
                 # Traffic back first (seconds), then the fleet change (minutes on SageMaker).
                 self.set_traffic(handle, {**{v.name: v.weight for v in keep}, failed_variant: 0.0})
             self._switch(endpoint, keep, what=f"removing {failed_variant}")
+        plan = RolloutPlan.parse(handle.extra.get("plan") or {})
+        for name, weight in previous.items():  # what serves again scales again (a guarded update removed it)
+            if weight > 0:
+                self._autoscale(endpoint, name, plan)
         self._delete_alarms(endpoint, failed_variant)
         self._cleanup(endpoint)
 
@@ -625,6 +629,8 @@ class SageMaker:
         ep = self._describe_endpoint(endpoint) or {}
         if ep.get("EndpointConfigName") == pending or ep.get("EndpointStatus") in _BUSY:
             return  # started already (a retry): watch it
+        for current in self._variants(ep):  # SageMaker replaces the fleet: their scalable targets go first
+            self._unscale(endpoint, current.name)
         cw = self.client("cloudwatch")
         for alarm in R.slo_alarms(endpoint, variant, plan):
             cw.put_metric_alarm(**alarm)
