@@ -60,6 +60,7 @@ def get_provider_info() -> dict[str, Any]:
             "airflow_llmops.links.artifacts.QuantizationReportLink",
             "airflow_llmops.links.artifacts.EndpointLink",
             "airflow_llmops.links.artifacts.DriftReportLink",
+            "airflow_llmops.links.artifacts.CloudConsoleLink",
             "airflow_llmops.links.mlflow.MLflowRunLink",
             "airflow_llmops.links.mlflow.RegisteredModelLink",
         ],

@@ -79,3 +79,9 @@ class EndpointLink(_XComLink):
 
 class DriftReportLink(_XComLink):
     label = "Drift report"
+
+
+class CloudConsoleLink(_XComLink):
+    """The cloud's page of the job a task started (SageMaker training or tuning job, ...)."""
+
+    label = "Cloud console"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_llmops.links.artifacts import CloudConsoleLink
 from airflow_llmops.links.mlflow import MLflowRunLink, mlflow_run_url
 from airflow_llmops.operators.base import LLMOpsBaseOperator, airflow_home, cloud_platform_kwargs, is_remote
 from airflow_llmops.platforms.base import JobHandle, JobState, JobStatus
@@ -60,7 +61,7 @@ class TrainModelOperator(LLMOpsBaseOperator):
         "jobs_root",
         "platform_options",
     )
-    operator_extra_links = (MLflowRunLink(),)
+    operator_extra_links = (MLflowRunLink(), CloudConsoleLink())
     ui_color = "#f0e6ff"
 
     def __init__(
@@ -129,6 +130,8 @@ class TrainModelOperator(LLMOpsBaseOperator):
             raise AirflowFailException(f"{self.task_id}: {err}") from None
         self._handle = handle
         context["ti"].xcom_push(key="job", value=handle.to_dict())
+        if handle.console_url:
+            CloudConsoleLink().persist(context, handle.console_url)
         self.log.info("Training job %s on %s (%s)", handle.job_name, platform.name, handle.extra or handle.job_id)
         # A job that already ended (a retry re-attaching to a finished job) needs no trigger: one that fires at once
         # races the scheduler (apache/airflow#71580).

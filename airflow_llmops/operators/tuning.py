@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_llmops.jsonfiles import read_json_object
+from airflow_llmops.links.artifacts import CloudConsoleLink
 from airflow_llmops.links.mlflow import MLflowRunLink, mlflow_run_url
 from airflow_llmops.operators.base import LLMOpsBaseOperator, cloud_platform_kwargs
 from airflow_llmops.operators.training import default_local_jobs_root, default_mlflow_tracking_uri
@@ -55,7 +56,7 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
         "jobs_root",
         "platform_options",
     )
-    operator_extra_links = (MLflowRunLink(),)
+    operator_extra_links = (MLflowRunLink(), CloudConsoleLink())
     ui_color = "#ead9ff"
 
     def __init__(
@@ -162,6 +163,7 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
             raise AirflowFailException(f"{self.task_id}: {err}") from None
         self._cloud = (platform, job_name)
         self.log.info("SageMaker tuning job %s: %s", job_name, started["console_url"])
+        CloudConsoleLink().persist(context, started["console_url"])
         last = None
         while True:
             status = platform.tuning_status(job_name)

@@ -141,6 +141,9 @@ def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any) -> 
     trained = run.get_task_instance("train").xcom_pull(task_ids="train")
     assert trained["model_uri"].startswith("s3://") and trained["model_uri"].endswith("model.tar.gz")
     assert trained["metrics"]["eval_accuracy"] > 0 and trained["mlflow_run_id"]
+    train_ti = run.get_task_instance("train")
+    console = train_ti.xcom_pull(task_ids="train", key="_link_CloudConsoleLink")
+    assert console.startswith("https://us-east-1.console.aws.amazon.com/sagemaker/") and trained["job_name"] in console
     job = aws.client("sagemaker").describe_training_job(TrainingJobName=trained["job_name"])
     assert job["ResourceConfig"]["InstanceCount"] == 2 and job["EnableManagedSpotTraining"] is True
     assert job["TrainingJobStatus"] == "Completed"
