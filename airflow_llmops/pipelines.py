@@ -149,6 +149,7 @@ def reference_pipeline(
         params={**reference_params(platform, platforms=platforms), **dict(params or {})},
     ) as dag:
         cloud: dict[str, Any] = {"platform_conn_id": platform_conn_id} if platform_conn_id else {}
+        train_wait: dict[str, Any] = {"deferrable": True} if platform != "local" else {}
         plan = PlanRunOperator(
             task_id="plan",
             platform="{{ params.platform }}",
@@ -201,8 +202,9 @@ def reference_pipeline(
             spec="{{ ti.xcom_pull(task_ids='plan')['specs']['training'] }}",
             dataset_uri="{{ ti.xcom_pull(task_ids='validate')['dataset_uri'] }}",
             progress_interval=10,
-            # A cloud job runs for hours: wait for it in the triggerer, not in a worker slot.
-            deferrable=platform != "local",
+            # A cloud job runs for hours: wait for it in the triggerer, not in a worker slot (local: as configured,
+            # [operators] default_deferrable).
+            **train_wait,
             execution_timeout=timedelta(hours=2),
             platform_options=train_options,
             **cloud,
