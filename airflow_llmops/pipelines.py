@@ -47,7 +47,12 @@ DEFAULT_ARGS: dict[str, Any] = {
 }
 
 
-def reference_params(platform: str, *, platforms: list[str] | None = None) -> dict[str, Param]:
+STRATEGIES = ["all_at_once", "blue_green", "canary", "linear", "shadow"]
+
+
+def reference_params(
+    platform: str, *, platforms: list[str] | None = None, strategies: list[str] | None = None
+) -> dict[str, Param]:
     """The typed Params of a manual run (*Trigger DAG w/ config*), the same on every platform."""
     return {
         "platform": Param(
@@ -74,9 +79,7 @@ def reference_params(platform: str, *, platforms: list[str] | None = None) -> di
         "epochs": Param(6, type="number", exclusiveMinimum=0, description="passes over the training split"),
         "max_steps": Param(-1, type="integer", minimum=-1, description="-1: train for `epochs`; else stop here"),
         "learning_rate": Param(1.5e-4, type="number", exclusiveMinimum=0, maximum=1),
-        "rollout_strategy": Param(
-            "canary", type="string", enum=["all_at_once", "blue_green", "canary", "linear", "shadow"]
-        ),
+        "rollout_strategy": Param("canary", type="string", enum=strategies or STRATEGIES),
         "canary_steps": Param(
             [10, 50, 100],
             type="array",
@@ -123,6 +126,7 @@ def reference_pipeline(
     training: Mapping[str, Any] | None = None,
     rollout: Mapping[str, Any] | None = None,
     params: Mapping[str, Param] | None = None,
+    strategies: list[str] | None = None,
 ) -> DAG:
     """The lifecycle as one DAG: plan → prepare → validate → train → quantize → evaluate → register → latest_only →
     deploy → rollout.
@@ -134,6 +138,7 @@ def reference_pipeline(
     :param training: / :param rollout: fields added to (or replacing) the plan's training spec and rollout plan,
         e.g. ``{"distributed": {...}}`` for a two-instance job or ``{"native_guardrails": ...}``.
     :param params: extra Params (e.g. ones the ``training`` / ``rollout`` templates read).
+    :param strategies: the rollout strategies the platform can run (the ``rollout_strategy`` Param's choices).
     """
     with DAG(
         dag_id=dag_id,
@@ -146,7 +151,7 @@ def reference_pipeline(
         tags=tags,
         doc_md=doc_md,
         render_template_as_native_obj=True,
-        params={**reference_params(platform, platforms=platforms), **dict(params or {})},
+        params={**reference_params(platform, platforms=platforms, strategies=strategies), **dict(params or {})},
     ) as dag:
         cloud: dict[str, Any] = {"platform_conn_id": platform_conn_id} if platform_conn_id else {}
         train_wait: dict[str, Any] = {"deferrable": True} if platform != "local" else {}

@@ -149,6 +149,37 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "s3://my-bucket/llmops/sagemaker",
                         "default": "",
                     },
+                    "vertex_project": {
+                        "description": "Google Cloud project of Vertex AI jobs and endpoints (platform 'vertex'); "
+                        "empty: the connection's project.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "my-project",
+                        "default": "",
+                    },
+                    "vertex_region": {
+                        "description": "Vertex AI region.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "us-central1",
+                        "default": "",
+                    },
+                    "vertex_image_uri": {
+                        "description": "The runtime image (docker/runtime.Dockerfile) in Artifact Registry, run by "
+                        "custom jobs and endpoints.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "us-docker.pkg.dev/my-project/llmops/airflow-llmops-runtime:0.2.0",
+                        "default": "",
+                    },
+                    "vertex_staging_uri": {
+                        "description": "Where Vertex AI jobs and endpoints keep their files: job outputs, "
+                        "checkpoints, rollout records.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "gs://my-bucket/llmops/vertex",
+                        "default": "",
+                    },
                     "artifact_conn_id": {
                         "description": "Airflow connection used to reach artifact_root when it is remote.",
                         "version_added": "0.1.0",

@@ -31,6 +31,29 @@ SageMaker's container contract, under ``/opt/ml`` (``$LLMOPS_OPT_ML`` instead, f
     SageMaker's ``GET /ping``
     and ``POST /invocations`` next to its own routes.
 
+Vertex AI's contract (a CustomJob replica, detected by ``$CLUSTER_SPEC`` or ``$AIP_MODEL_DIR``; see
+:func:`is_vertex`):
+
+``train [--name=value ...]``
+    the spec from ``$LLMOPS_SPEC`` (TrainingSpec JSON), with a tuning trial's ``--learning_rate=0.0003`` arguments
+    applied (:func:`apply_tuned`); the dataset from ``$LLMOPS_DATASET_URI`` (else the spec's ``dataset_uri``): a
+    path or ``file://`` used as it is, a remote folder (``gs://``) downloaded with fsspec first. The replicas are
+    ``$CLUSTER_SPEC``'s ``workerpool0`` then ``workerpool1`` entries; node rank = this replica's index among them,
+    rendezvous at ``$LLMOPS_MASTER_ADDR`` (default the first workerpool0 host; the port in ``$CLUSTER_SPEC`` is
+    Vertex's own) and ``$LLMOPS_MASTER_PORT`` (default 29500), ``nproc_per_node`` as above. The model goes to
+    ``$AIP_MODEL_DIR`` from global rank 0 (written locally, then uploaded when remote). Checkpoints: a local or
+    ``file://`` ``$AIP_CHECKPOINT_DIR`` is the checkpoints folder; a remote one gets the newest complete checkpoint
+    downloaded before training and new ones uploaded every ``$LLMOPS_CHECKPOINT_SYNC_S`` seconds (default 300),
+    after training and when stopped (:class:`CheckpointSync`), so a preempted replica resumes. The local working
+    folder is ``$LLMOPS_WORK_DIR/<pool>-<index>`` (default ``<tmp>/llmops-runtime/<$CLOUD_ML_JOB_ID>/...``). On
+    failure the last stderr line is ``[llmops-failure] <reason>`` (no failure file) and the exit code is as above.
+    With ``$LLMOPS_RESULT_URI`` set, the chief also writes the outcome there as JSON (:class:`_VertexOutcome`).
+
+``serve``
+    as above, with the model from ``$AIP_STORAGE_URI`` when set (a remote folder downloaded first); the server
+    also answers ``GET $AIP_HEALTH_ROUTE`` and ``POST $AIP_PREDICT_ROUTE`` (``{"instances": [...]}`` →
+    ``{"predictions": [...]}``), read from the environment by :class:`~airflow_llmops.serving.config.ServerConfig`.
+
 No Airflow here, and nothing heavy at import: ``torch`` is imported only to count GPUs for ``auto``.
 """
 
@@ -41,19 +64,22 @@ import collections
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from airflow_llmops.ml.training.jobdir import JobDir
+from airflow_llmops.ml.training.jobdir import CHECKPOINT_PATTERN, STATE_FILE, WEIGHT_FILES, JobDir
 from airflow_llmops.specs.base import SpecValidationError
 from airflow_llmops.specs.training import TrainingSpec
 
@@ -154,6 +180,11 @@ class Cluster:
     @property
     def node_rank(self) -> int:
         return self.hosts.index(self.current_host)
+
+    @property
+    def master_host(self) -> str:
+        """Where the rendezvous is when there are several hosts: the first one (it holds global rank 0)."""
+        return self.hosts[0]
 
     @classmethod
     def read(cls, opt_ml: OptMl, env: Mapping[str, str] | None = None) -> Cluster:
@@ -267,26 +298,27 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def plan_launch(spec: TrainingSpec, opt_ml: OptMl, cluster: Cluster, env: Mapping[str, str] | None = None) -> Launch:
-    """The spec with the container's paths and hosts in it (dataset channel, model folder, nodes, rendezvous)."""
-    env = os.environ if env is None else env
+def _rendezvous(cluster: Cluster, env: Mapping[str, str]) -> tuple[str, int]:
+    """``$LLMOPS_MASTER_ADDR``:``$LLMOPS_MASTER_PORT``, by default the master host and 29500 (one host: 127.0.0.1
+    and a free port)."""
     port_text = env.get(ENV_MASTER_PORT) or ""
     try:
         port = int(port_text) if port_text else (DEFAULT_MASTER_PORT if cluster.nnodes > 1 else _free_port())
     except ValueError:
         raise ContractError(f"{ENV_MASTER_PORT} must be a port number, got {port_text!r}") from None
     if cluster.nnodes > 1:
-        addr = env.get(ENV_MASTER_ADDR) or cluster.hosts[0]
+        addr = env.get(ENV_MASTER_ADDR) or cluster.master_host
     else:
         addr = env.get(ENV_MASTER_ADDR) or "127.0.0.1"
+    return addr, port
+
+
+def _launch(
+    spec: TrainingSpec, cluster: Cluster, rendezvous: tuple[str, int], *, dataset: str, output: str | None
+) -> Launch:
+    """The spec as this host's training processes see it: its dataset, model destination, nodes and rendezvous."""
+    addr, port = rendezvous
     nproc = nproc_per_node(spec, cluster)
-    channel = opt_ml.channel(DATASET_CHANNEL)
-    dataset = str(channel) if channel.is_dir() else spec.dataset_uri
-    if not dataset:
-        raise ContractError(
-            f"no dataset: the input channel {DATASET_CHANNEL!r} ({channel}) is missing and the spec has no "
-            "dataset_uri; give the training job an input channel named 'dataset' holding the prepared dataset"
-        )
     distributed = spec.distributed.model_copy(
         update={
             "nproc_per_node": nproc,
@@ -295,10 +327,22 @@ def plan_launch(spec: TrainingSpec, opt_ml: OptMl, cluster: Cluster, env: Mappin
             "rdzv_endpoint": f"{addr}:{port}" if cluster.nnodes > 1 else None,
         }
     )
-    job_spec = spec.model_copy(
-        update={"dataset_uri": dataset, "output_uri": str(opt_ml.model), "distributed": distributed}
-    )
+    job_spec = spec.model_copy(update={"dataset_uri": dataset, "output_uri": output, "distributed": distributed})
     return Launch(job_spec, nproc, addr, port)
+
+
+def plan_launch(spec: TrainingSpec, opt_ml: OptMl, cluster: Cluster, env: Mapping[str, str] | None = None) -> Launch:
+    """The spec with the container's paths and hosts in it (dataset channel, model folder, nodes, rendezvous)."""
+    env = os.environ if env is None else env
+    rendezvous = _rendezvous(cluster, env)
+    channel = opt_ml.channel(DATASET_CHANNEL)
+    dataset = str(channel) if channel.is_dir() else spec.dataset_uri
+    if not dataset:
+        raise ContractError(
+            f"no dataset: the input channel {DATASET_CHANNEL!r} ({channel}) is missing and the spec has no "
+            "dataset_uri; give the training job an input channel named 'dataset' holding the prepared dataset"
+        )
+    return _launch(spec, cluster, rendezvous, dataset=dataset, output=str(opt_ml.model))
 
 
 def torchrun_command(launch: Launch, cluster: Cluster, spec_file: Path, job_dir: Path) -> list[str]:
@@ -406,13 +450,16 @@ class _Child:
                 signal.signal(sig, handler)
 
 
-def _failure_message(job: JobDir, child: _Child, code: int) -> str:
+_SAGEMAKER_STOP = (
+    "SageMaker stops a job, or reclaims a managed-spot instance, this way",
+    "the newest complete checkpoint in checkpoints/",
+)
+
+
+def _failure_message(job: JobDir, child: _Child, code: int, stop: tuple[str, str] = _SAGEMAKER_STOP) -> str:
     if child.signalled is not None:
         name = signal.Signals(child.signalled).name
-        return (
-            f"training stopped by {name} (SageMaker stops a job, or reclaims a managed-spot instance, this way); "
-            f"a restart resumes from the newest complete checkpoint in checkpoints/"
-        )
+        return f"training stopped by {name} ({stop[0]}); a restart resumes from {stop[1]}"
     status = _read_status(job)
     if status.get("state") == "failed" and status.get("message"):
         return str(status["message"])
@@ -428,9 +475,12 @@ def _read_status(job: JobDir) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def train(env: Mapping[str, str] | None = None) -> int:
-    """Run this host's share of the training job; returns the exit code (see the module docstring)."""
+def train(env: Mapping[str, str] | None = None, args: Sequence[str] = ()) -> int:
+    """Run this host's share of the training job; returns the exit code (see the module docstring). Vertex AI's
+    contract when its variables are set (:func:`is_vertex`), else SageMaker's."""
     env = dict(os.environ if env is None else env)
+    if is_vertex(env):
+        return train_vertex(env, args)
     opt_ml = OptMl.from_env(env)
     with contextlib.suppress(FileNotFoundError):
         opt_ml.failure.unlink()  # a previous attempt's reason must not outlive it
@@ -472,10 +522,530 @@ def train(env: Mapping[str, str] | None = None) -> int:
     return 0
 
 
+# ---- Vertex AI -------------------------------------------------------------------------------------------------
+ENV_CLUSTER_SPEC = "CLUSTER_SPEC"
+ENV_AIP_MODEL_DIR = "AIP_MODEL_DIR"
+ENV_AIP_CHECKPOINT_DIR = "AIP_CHECKPOINT_DIR"
+ENV_SPEC = "LLMOPS_SPEC"
+ENV_DATASET_URI = "LLMOPS_DATASET_URI"
+#: Where the chief writes the job's result as JSON at the end (optional): a path, ``file://`` or ``gs://`` URI.
+ENV_RESULT_URI = "LLMOPS_RESULT_URI"
+#: Local working folder of a Vertex AI replica (default: ``<tmp>/llmops-runtime/<job id>``); each replica uses
+#: ``<it>/<pool>-<index>`` for its job folder, downloaded dataset and log.
+ENV_WORK_DIR = "LLMOPS_WORK_DIR"
+#: Seconds between uploads of new checkpoints to a remote ``$AIP_CHECKPOINT_DIR`` while training runs (0: only at
+#: the end and when stopped).
+ENV_CHECKPOINT_SYNC_S = "LLMOPS_CHECKPOINT_SYNC_S"
+DEFAULT_CHECKPOINT_SYNC_S = 300.0
+#: Prefix of the last stderr line of a failed Vertex AI replica: the reason (Vertex AI keeps no failure file).
+FAILURE_PREFIX = "[llmops-failure] "
+VERTEX_FAILURE_MAX_CHARS = 2000
+#: The pools whose replicas run the training; workerpool2 and 3 hold reduction or parameter servers (other images).
+VERTEX_POOLS = ("workerpool0", "workerpool1")
+_POOL_ALIASES = {"chief": "workerpool0", "master": "workerpool0", "worker": "workerpool1"}
+_VERTEX_STOP = (
+    "Vertex AI stops a job, or preempts a replica, this way",
+    f"the newest complete checkpoint in ${ENV_AIP_CHECKPOINT_DIR}",
+)
+
+
+def is_vertex(env: Mapping[str, str]) -> bool:
+    """Vertex AI starts a CustomJob's replicas with ``$CLUSTER_SPEC`` and ``$AIP_MODEL_DIR``: either one means its
+    contract, else SageMaker's."""
+    return bool(env.get(ENV_CLUSTER_SPEC) or env.get(ENV_AIP_MODEL_DIR))
+
+
+def _host_name(address: str) -> str:
+    """``host:2222`` → ``host``, ``[fd00::1]:2222`` → ``fd00::1``: the port in ``$CLUSTER_SPEC`` is Vertex's own."""
+    if address.startswith("["):
+        return address[1:].split("]", 1)[0]
+    host, sep, port = address.rpartition(":")
+    return host if sep and host and port.isdigit() and ":" not in host else address
+
+
+@dataclass(frozen=True)
+class VertexCluster(Cluster):
+    """The replicas of ``workerpool0`` (the chief first) then ``workerpool1``, in ``$CLUSTER_SPEC`` order; this
+    replica's global index is its node rank. Hosts are ``host:port`` entries, so one host may run two replicas."""
+
+    rank: int = 0
+    pool: str = VERTEX_POOLS[0]
+    index: int = 0
+
+    @property
+    def node_rank(self) -> int:
+        return self.rank
+
+    @property
+    def master_host(self) -> str:
+        return _host_name(self.hosts[0])
+
+
+def parse_cluster_spec(text: str | None) -> VertexCluster:
+    """``$CLUSTER_SPEC`` → the replicas and this one's place among them; unset (a job of one replica): one host."""
+    if not text:
+        return VertexCluster(("localhost",), "localhost")
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise ContractError(f"{ENV_CLUSTER_SPEC} is not JSON ({err}): {text[:300]!r}") from None
+    cluster = data.get("cluster") if isinstance(data, dict) else None
+    task = data.get("task") if isinstance(data, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(task, dict):
+        raise ContractError(f"{ENV_CLUSTER_SPEC} must hold the objects 'cluster' and 'task', got {text[:300]!r}")
+    pools: dict[str, Any] = {_POOL_ALIASES.get(str(k), str(k)): v for k, v in cluster.items()}
+    hosts: list[str] = []
+    first: dict[str, int] = {}
+    for pool in VERTEX_POOLS:
+        entries = pools.get(pool) or []
+        if not isinstance(entries, list) or not all(isinstance(h, str) and h for h in entries):
+            raise ContractError(f"{ENV_CLUSTER_SPEC}: cluster.{pool} must be a list of 'host:port', got {entries!r}")
+        first[pool] = len(hosts)
+        hosts += entries
+    if not pools.get(VERTEX_POOLS[0]):
+        raise ContractError(f"{ENV_CLUSTER_SPEC} has no replica in workerpool0 (the chief): {text[:300]!r}")
+    kind = _POOL_ALIASES.get(str(task.get("type")), str(task.get("type")))
+    if kind not in VERTEX_POOLS:
+        raise ContractError(
+            f"this replica is in {task.get('type')!r}: the runtime trains in workerpool0 and workerpool1 only "
+            "(workerpool2 and workerpool3 hold reduction or parameter servers, which run their own images)"
+        )
+    index = task.get("index", 0)
+    size = len(pools.get(kind) or [])
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < size:
+        raise ContractError(f"{ENV_CLUSTER_SPEC}: task.index {index!r} is not a replica of {kind} ({size} there)")
+    rank = first[kind] + index
+    return VertexCluster(tuple(hosts), hosts[rank], None, rank=rank, pool=kind, index=index)
+
+
+def parse_tuned_args(args: Sequence[str]) -> dict[str, str]:
+    """A tuning trial's values as Vertex AI passes them: ``--learning_rate=0.0003`` (``--name value`` too; ``-``
+    in a name reads as ``_``) → ``{"learning_rate": "0.0003"}``, for :func:`apply_tuned`."""
+    tuned: dict[str, str] = {}
+    items = list(args)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        name, sep, value = arg[2:].partition("=")
+        if not arg.startswith("--") or not name:
+            raise ContractError(f"train takes a tuning trial's values as --name=value, got {arg!r} in {items}")
+        if not sep:
+            if i + 1 >= len(items) or items[i + 1].startswith("--"):
+                raise ContractError(f"{arg} has no value: pass it as {arg}=VALUE")
+            i += 1
+            value = items[i]
+        tuned[name.replace("-", "_")] = value
+        i += 1
+    return tuned
+
+
+def load_vertex_spec(env: Mapping[str, str], args: Sequence[str] = ()) -> TrainingSpec:
+    """``$LLMOPS_SPEC`` (the TrainingSpec JSON, or a JSON-encoded string of it) with the trial's ``args`` applied."""
+    text = env.get(ENV_SPEC) or ""
+    if not text.strip():
+        raise ContractError(
+            f"{ENV_SPEC} is not set: give the job's container the environment variable {ENV_SPEC} holding "
+            "TrainingSpec.to_json()"
+        )
+    if text.lstrip().startswith('"'):
+        with contextlib.suppress(ValueError):
+            text = str(json.loads(text))
+    try:
+        spec = TrainingSpec.from_json(text)
+    except SpecValidationError as err:
+        raise ContractError(f"{ENV_SPEC} is not a valid TrainingSpec: {err}") from None
+    tuned = parse_tuned_args(args)
+    return apply_tuned(spec, tuned) if tuned else spec
+
+
+def _local_uri(uri: str) -> Path | None:
+    """``file:///a/b`` or ``/a/b`` → the path; ``None`` for a remote URI (``gs://``...)."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(urllib.parse.unquote(parsed.path))
+    if not parsed.scheme or len(parsed.scheme) == 1:  # a one-letter "scheme" is a Windows drive
+        return Path(uri).expanduser().absolute()
+    return None
+
+
+def download_tree(uri: str, dest: Path) -> int:
+    """Copy every file under the remote folder ``uri`` into ``dest`` (emptied first) with fsspec; returns how many.
+    fsspec's and its backends' errors (a missing ``gcsfs``, no access) come out as they are."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    root = root.rstrip("/")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    count = 0
+    for path in sorted(fs.find(root)):
+        rel = str(path)[len(root) :].lstrip("/")
+        if not rel or ".." in rel.split("/"):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(path, str(target))
+        count += 1
+    return count
+
+
+def stage_dataset(uri: str, dest: Path) -> str:
+    """The prepared dataset as a local folder: a path or ``file://`` as it is, a remote URI downloaded to ``dest``."""
+    local = _local_uri(uri)
+    if local is not None:
+        if not local.is_dir():
+            raise ContractError(
+                f"the dataset {uri} does not exist ({local} is not a folder): set {ENV_DATASET_URI} to the prepared "
+                "dataset's folder (gs://, file:// or a path)"
+            )
+        return str(local)
+    print(f"[runtime] downloading the dataset {uri} to {dest}", flush=True)
+    try:
+        count = download_tree(uri, dest)
+    except Exception as err:  # fsspec backends raise their own types
+        raise ContractError(f"cannot download the dataset {uri}: {type(err).__name__}: {err}") from None
+    if count == 0:
+        raise ContractError(
+            f"the dataset {uri} is missing or empty: set {ENV_DATASET_URI} to the prepared dataset's folder"
+        )
+    return str(dest)
+
+
+def _checkpoint_step(name: str) -> int:
+    match = CHECKPOINT_PATTERN.match(name)
+    return int(match.group(1)) if match else -1
+
+
+class CheckpointSync:
+    """The local checkpoints mirrored in a remote ``$AIP_CHECKPOINT_DIR`` (``gs://``...), with fsspec.
+
+    :meth:`restore` fetches the newest complete remote checkpoint before training (a preempted replica restarts on
+    a fresh machine). :meth:`push` uploads: the chief (node 0, where the Trainer saves) its complete checkpoints,
+    ``trainer_state.json`` last, so a remote checkpoint holding it is whole, then removes the older remote ones the
+    Trainer rotated away; another replica its own files (RNG states) in checkpoints the chief has uploaded.
+    """
+
+    def __init__(self, job: JobDir, remote: str, *, chief: bool) -> None:
+        try:
+            import fsspec
+
+            self.fs, root = fsspec.core.url_to_fs(remote)
+        except (ImportError, ValueError) as err:
+            raise ContractError(
+                f"{ENV_AIP_CHECKPOINT_DIR}={remote}: no filesystem for it ({err}); install its fsspec implementation"
+            ) from None
+        self.root = str(root).rstrip("/")
+        self.remote = remote
+        self.job = job
+        self.chief = chief
+        self._lock = threading.Lock()
+
+    def _remote(self) -> dict[str, dict[str, int]]:
+        """checkpoint name → {path inside it: size}."""
+        found: dict[str, dict[str, int]] = {}
+        try:
+            listing = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return found
+        for path, info in listing.items():
+            name, _, inner = str(path)[len(self.root) :].lstrip("/").partition("/")
+            if CHECKPOINT_PATTERN.match(name) and inner and info.get("type", "file") != "directory":
+                found.setdefault(name, {})[inner] = int(info.get("size") or 0)
+        return found
+
+    @staticmethod
+    def _complete(files: Mapping[str, int]) -> bool:
+        return STATE_FILE in files and any(name in files for name in WEIGHT_FILES)
+
+    def restore(self) -> str | None:
+        """Download the newest complete remote checkpoint unless a local one is as new; returns its name."""
+        try:
+            remote = {name: files for name, files in self._remote().items() if self._complete(files)}
+            if not remote:
+                return None
+            name = max(remote, key=_checkpoint_step)
+            local = self.job.latest_checkpoint()
+            if local is not None and local.step >= _checkpoint_step(name):
+                return None
+            target = self.job.checkpoints / name
+            print(f"[runtime] downloading checkpoint {self.remote.rstrip('/')}/{name} to {target}", flush=True)
+            if target.exists():
+                shutil.rmtree(target)
+            for inner in sorted(remote[name], key=lambda p: p == STATE_FILE):  # the state last: complete or not
+                (target / inner).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(f"{self.root}/{name}/{inner}", str(target / inner))
+            return name
+        except Exception as err:  # fsspec backends raise their own types
+            raise ContractError(
+                f"cannot read the checkpoints in {ENV_AIP_CHECKPOINT_DIR}={self.remote}: {type(err).__name__}: {err}"
+            ) from None
+
+    def push(self) -> list[str]:
+        """Upload what the remote folder lacks (see the class); returns the checkpoints written to."""
+        with self._lock:
+            remote = self._remote()
+            if self.chief:
+                names = [c.path.name for c in self.job.complete_checkpoints()]
+                todo = [n for n in names if not self._complete(remote.get(n, {}))]
+            else:
+                names = todo = [
+                    n for n in sorted(remote, key=_checkpoint_step)
+                    if self._complete(remote[n]) and (self.job.checkpoints / n).is_dir()
+                ]  # fmt: skip
+            written = [name for name in todo if self._upload(name, remote.get(name, {}))]
+            if self.chief and names:
+                newest = max(_checkpoint_step(n) for n in names)
+                for name in remote:
+                    if name not in names and _checkpoint_step(name) < newest:
+                        self.fs.rm(f"{self.root}/{name}", recursive=True)
+            return written
+
+    def _upload(self, name: str, present: Mapping[str, int]) -> bool:
+        folder = self.job.checkpoints / name
+        files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name == STATE_FILE, str(p)))
+        sent = False
+        for path in files:
+            inner = path.relative_to(folder).as_posix()
+            if not self.chief and inner in present:
+                continue  # another replica adds its own files only
+            self.fs.put_file(str(path), f"{self.root}/{name}/{inner}")
+            sent = True
+        return sent
+
+    def push_quietly(self) -> None:
+        """:meth:`push`, best effort: a failure is reported on stdout and training goes on."""
+        try:
+            written = self.push()
+        except Exception as err:  # fsspec backends raise their own types; a checkpoint may be rotated away meanwhile
+            print(f"[runtime] checkpoint upload to {self.remote} failed: {type(err).__name__}: {err}", flush=True)
+            return
+        if written:
+            print(f"[runtime] uploaded {', '.join(written)} to {self.remote}", flush=True)
+
+
+class _PeriodicSync:
+    """:meth:`CheckpointSync.push_quietly` every ``interval`` seconds in a daemon thread, until :meth:`stop`."""
+
+    def __init__(self, sync: CheckpointSync, interval: float) -> None:
+        self.sync = sync
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="checkpoint-sync", daemon=True)
+
+    def start(self) -> _PeriodicSync:
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sync.push_quietly()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass(frozen=True)
+class VertexJob:
+    """A Vertex AI replica's folders: ``work`` (local: job folder, downloaded dataset, log), ``model_dir``
+    (``$AIP_MODEL_DIR``) and ``checkpoint_dir`` (``$AIP_CHECKPOINT_DIR``) as given."""
+
+    work: Path
+    model_dir: str | None = None
+    checkpoint_dir: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], cluster: VertexCluster) -> VertexJob:
+        job_id = re.sub(r"[^A-Za-z0-9._-]", "_", env.get("CLOUD_ML_JOB_ID") or "job")
+        base = Path(env.get(ENV_WORK_DIR) or Path(tempfile.gettempdir()) / "llmops-runtime" / job_id)
+        return cls(
+            base / f"{cluster.pool}-{cluster.index}",
+            env.get(ENV_AIP_MODEL_DIR) or None,
+            env.get(ENV_AIP_CHECKPOINT_DIR) or None,
+        )
+
+    @property
+    def job(self) -> JobDir:
+        return JobDir(self.work / JOB_FOLDER)
+
+    @property
+    def dataset(self) -> Path:
+        return self.work / "dataset"
+
+    @property
+    def log(self) -> Path:
+        return self.work / "train.log"
+
+    @property
+    def checkpoints_remote(self) -> bool:
+        return self.checkpoint_dir is not None and _local_uri(self.checkpoint_dir) is None
+
+    def prepare(self) -> JobDir:
+        """The job folder; its ``checkpoints`` is a link to a local ``$AIP_CHECKPOINT_DIR``, else a folder of its
+        own (mirrored to a remote one by :class:`CheckpointSync`)."""
+        job = self.job
+        job.root.mkdir(parents=True, exist_ok=True)
+        link = job.checkpoints
+        local = _local_uri(self.checkpoint_dir) if self.checkpoint_dir else None
+        if local is not None:
+            local.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink():
+                link.unlink()
+            elif link.exists():
+                raise ContractError(f"{link} exists and is not a link to {local}; remove it")
+            link.symlink_to(local.resolve(), target_is_directory=True)
+        else:
+            if link.is_symlink():
+                link.unlink()
+            link.mkdir(exist_ok=True)
+        return job
+
+
+def plan_vertex_launch(
+    spec: TrainingSpec,
+    cluster: Cluster,
+    env: Mapping[str, str],
+    *,
+    dataset: str,
+    output: str | None,
+    rendezvous: tuple[str, int] | None = None,
+) -> Launch:
+    """The spec with this replica's place in it: the local dataset, the model's destination (``$AIP_MODEL_DIR``),
+    nodes and rendezvous (``rendezvous`` when already chosen, else from ``env``)."""
+    where = rendezvous if rendezvous is not None else _rendezvous(cluster, env)
+    return _launch(spec, cluster, where, dataset=dataset, output=output)
+
+
+def _sync_interval(env: Mapping[str, str]) -> float:
+    text = env.get(ENV_CHECKPOINT_SYNC_S) or ""
+    try:
+        value = float(text) if text else DEFAULT_CHECKPOINT_SYNC_S
+    except ValueError:
+        raise ContractError(f"{ENV_CHECKPOINT_SYNC_S} must be a number of seconds, got {text!r}") from None
+    return max(value, 0.0)
+
+
+def vertex_failure(message: str, code: int) -> int:
+    """Print the reason as the last stderr line, ``[llmops-failure] ...`` on one line; returns ``code``."""
+    text = " ".join(message.split())
+    if len(text) > VERTEX_FAILURE_MAX_CHARS:
+        text = text[: VERTEX_FAILURE_MAX_CHARS - 3] + "..."
+    sys.stdout.flush()
+    print(FAILURE_PREFIX + text, file=sys.stderr, flush=True)
+    return code
+
+
+def write_result(uri: str, payload: Mapping[str, Any]) -> None:
+    """``payload`` as JSON at ``uri`` (a path, ``file://`` or a remote URI written with fsspec); best effort: a
+    failure is reported on stdout."""
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+    try:
+        local = _local_uri(uri)
+        if local is not None:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, local)
+        else:
+            import fsspec
+
+            with fsspec.open(uri, "w", encoding="utf-8") as handle:
+                handle.write(text)
+    except Exception as err:  # fsspec backends raise their own types
+        print(f"[runtime] cannot write the result {uri}: {type(err).__name__}: {err}", flush=True)
+
+
+class _VertexOutcome:
+    """How a replica ends: the ``[llmops-failure]`` line, and on the chief the ``$LLMOPS_RESULT_URI`` record
+    (``{"state": "succeeded", "metrics", "mlflow_run_id", ...}`` or ``{"state": "failed", "message", "exit_code",
+    "log_tail"}``) for whoever started the job."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.uri = env.get(ENV_RESULT_URI) or None
+        self.chief = True  # until the cluster is known: a broken CLUSTER_SPEC breaks every replica alike
+
+    def failed(self, message: str, code: int, tail: Sequence[str] = ()) -> int:
+        if self.uri is not None and self.chief:
+            lines = [line for line in tail if line.strip()]
+            write_result(self.uri, {"state": "failed", "message": message, "exit_code": code, "log_tail": lines})
+        return vertex_failure(message, code)
+
+    def succeeded(self, status: Mapping[str, Any]) -> int:
+        if self.uri is not None and self.chief:
+            keys = ("metrics", "mlflow_run_id", "resumed_from_step", "world_size", "global_step", "model_uri")
+            write_result(self.uri, {"state": "succeeded", **{k: status.get(k) for k in keys}})
+        return 0
+
+
+def train_vertex(env: Mapping[str, str] | None = None, args: Sequence[str] = ()) -> int:
+    """This replica's share of a Vertex AI CustomJob; returns the exit code (see the module docstring)."""
+    env = dict(os.environ if env is None else env)
+    outcome = _VertexOutcome(env)
+    try:
+        cluster = parse_cluster_spec(env.get(ENV_CLUSTER_SPEC))
+        outcome.chief = cluster.node_rank == 0
+        spec = load_vertex_spec(env, args)
+        rendezvous = _rendezvous(cluster, env)
+        interval = _sync_interval(env)
+        vjob = VertexJob.from_env(env, cluster)
+        dataset_uri = env.get(ENV_DATASET_URI) or spec.dataset_uri
+        if not dataset_uri:
+            raise ContractError(
+                f"no dataset: set {ENV_DATASET_URI} to the prepared dataset's folder (gs://, file:// or a path)"
+            )
+        dataset = stage_dataset(dataset_uri, vjob.dataset)
+        job = vjob.prepare()
+        sync = None
+        if vjob.checkpoints_remote:
+            assert vjob.checkpoint_dir is not None
+            sync = CheckpointSync(job, vjob.checkpoint_dir, chief=cluster.node_rank == 0)
+            sync.restore()
+        output = vjob.model_dir or spec.output_uri
+        launch = plan_vertex_launch(spec, cluster, env, dataset=dataset, output=output, rendezvous=rendezvous)
+        spec_file = job.root / "spec.json"
+        spec_file.write_text(launch.spec.to_json(indent=2), encoding="utf-8")
+    except (ContractError, OSError) as err:
+        return outcome.failed(str(err), EXIT_BAD_INPUT)
+    argv = torchrun_command(launch, cluster, spec_file, job.root)
+    child_env = {**env, "PYTHONUNBUFFERED": "1"}
+    if env.get("CLOUD_ML_JOB_ID"):  # a restarted replica, and each trial of a tuning job, keep one MLflow run
+        trial = env.get("CLOUD_ML_TRIAL_ID")
+        child_env.setdefault("LLMOPS_RUN_KEY", env["CLOUD_ML_JOB_ID"] + (f"-trial-{trial}" if trial else ""))
+    print(
+        f"[runtime] Vertex AI replica {cluster.pool}[{cluster.index}] (node {cluster.node_rank} of {cluster.nnodes}), "
+        f"{launch.nproc} process(es); rendezvous {launch.master_addr}:{launch.master_port}; "
+        f"dataset {launch.spec.dataset_uri}; checkpoints {vjob.checkpoint_dir or job.checkpoints}; "
+        f"model {launch.spec.output_uri or job.model}",
+        flush=True,
+    )
+    print(f"[runtime] {' '.join(argv)}", flush=True)
+    child = _Child(argv, child_env, vjob.log)
+    periodic = _PeriodicSync(sync, interval).start() if sync is not None and interval > 0 else None
+    try:
+        code = child.run()
+    finally:
+        if periodic is not None:
+            periodic.stop()
+        if sync is not None:  # after training, failed or stopped too: a restart resumes from what is uploaded
+            sync.push_quietly()
+    if child.signalled is not None:
+        message = _failure_message(job, child, code, _VERTEX_STOP)
+        return outcome.failed(message, 128 + child.signalled, child.tail)
+    if code != 0:
+        return outcome.failed(_failure_message(job, child, code, _VERTEX_STOP), code, child.tail)
+    status = _read_status(job)
+    if status.get("state") != "succeeded":
+        return outcome.failed(f"training exited with code 0 but its status is {status or 'missing'}", 1, child.tail)
+    return outcome.succeeded(status)
+
+
 # ---- serve ----------------------------------------------------------------------------------------------------
 #: A registry URI the server loads at start when the platform put no model files in model/ (SageMaker: a Model
 #: whose container has no ModelDataUrl).
 ENV_MODEL_URI = "LLMOPS_MODEL_URI"
+#: Vertex AI: where it copied the Model's artifactUri (a ``gs://`` folder).
+ENV_AIP_STORAGE_URI = "AIP_STORAGE_URI"
 
 
 def serve_port(env: Mapping[str, str]) -> str:
@@ -491,11 +1061,43 @@ def _names_variants(args: Sequence[str]) -> bool:
     return any(a in flags or a.startswith(tuple(f"{f}=" for f in flags)) for a in args)
 
 
+def vertex_model(env: Mapping[str, str]) -> Path:
+    """The model folder of ``$AIP_STORAGE_URI`` (Vertex AI copies the Model's ``artifactUri`` there): a path or
+    ``file://`` as it is, a remote folder (``gs://``) downloaded with fsspec under ``$LLMOPS_WORK_DIR`` (default
+    ``<tmp>/llmops-runtime``) first."""
+    uri = env[ENV_AIP_STORAGE_URI]
+    local = _local_uri(uri)
+    if local is not None:
+        if not local.is_dir() or not any(local.iterdir()):
+            raise ContractError(
+                f"no model to serve: {ENV_AIP_STORAGE_URI}={uri} ({local}) is "
+                f"{'empty' if local.is_dir() else 'missing'}. Vertex AI copies the Model's artifactUri there; give "
+                "the model one, or pass --model NAME=SOURCE"
+            )
+        return local
+    dest = Path(env.get(ENV_WORK_DIR) or Path(tempfile.gettempdir()) / "llmops-runtime") / "serving-model"
+    print(f"[runtime] downloading the model {uri} to {dest}", flush=True)
+    try:
+        count = download_tree(uri, dest)
+    except Exception as err:  # fsspec backends raise their own types
+        raise ContractError(
+            f"cannot download the model {ENV_AIP_STORAGE_URI}={uri}: {type(err).__name__}: {err}"
+        ) from None
+    if count == 0:
+        raise ContractError(f"no model to serve: {ENV_AIP_STORAGE_URI}={uri} is empty or missing")
+    return dest
+
+
 def serve_argv(args: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
-    """The ``airflow-llmops serve`` arguments: host and port from the environment, then ``--model`` for
-    ``model/`` unless ``args`` name variants, then ``args`` (which win: argparse keeps the last value)."""
+    """The ``airflow-llmops serve`` arguments: host and port from the environment, then ``--model`` unless
+    ``args`` name variants, then ``args`` (which win: argparse keeps the last value). The model: Vertex AI's
+    ``$AIP_STORAGE_URI`` when set (downloaded when remote, see :func:`vertex_model`), else ``model/``, or
+    ``$LLMOPS_MODEL_URI`` when ``model/`` is empty."""
     env = os.environ if env is None else env
     argv = ["--host", env.get("LLMOPS_SERVE_HOST") or "0.0.0.0", "--port", serve_port(env)]
+    if not _names_variants(args) and env.get(ENV_AIP_STORAGE_URI):
+        name = env.get(ENV_VARIANT_NAME) or DEFAULT_VARIANT_NAME
+        return [*argv, "--model", f"{name}={vertex_model(env)}", *args]
     if not _names_variants(args):
         model = OptMl.from_env(env).model
         registry = env.get(ENV_MODEL_URI, "")
@@ -526,13 +1128,19 @@ def serve(args: Sequence[str], env: Mapping[str, str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m airflow_llmops.ml.runtime",
-        description="SageMaker's container contract: `train` runs this host's share of a training job, `serve` "
-        f"the model server. ${ENV_OPT_ML} replaces /opt/ml.",
+        description="SageMaker's and Vertex AI's container contracts: `train` runs this host's share of a training "
+        f"job, `serve` the model server. ${ENV_OPT_ML} replaces /opt/ml.",
     )
     parser.add_argument("command", choices=["train", "serve"])
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="serve: more `airflow-llmops serve` arguments")
+    parser.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        help="serve: more `airflow-llmops serve` arguments; train on Vertex AI: a tuning trial's --name=value",
+    )
     parsed = parser.parse_args(argv)
     if parsed.command == "train":
+        if is_vertex(os.environ):
+            return train(args=parsed.args)
         if parsed.args:
             parser.error(f"train takes no arguments (the spec is the hyperparameter {SPEC_HYPERPARAMETER!r})")
         return train()

@@ -250,8 +250,11 @@ def staged_output(target: ObjectStoragePath, *, prefix: str = "llmops-out-") -> 
 
 
 #: Settings of a cloud platform that ``[llmops] <platform>_<name>`` may give when an operator does not.
-_CLOUD_DEFAULTS = {"sagemaker": ("role_arn", "image_uri", "s3_prefix")}
-_CONN_KEYS = {"sagemaker": "aws_conn_id"}
+_CLOUD_DEFAULTS = {
+    "sagemaker": ("role_arn", "image_uri", "s3_prefix"),
+    "vertex": ("project", "region", "image_uri", "staging_uri"),
+}
+_CONN_KEYS = {"sagemaker": "aws_conn_id", "vertex": "gcp_conn_id"}
 
 
 def cloud_platform_kwargs(

@@ -36,6 +36,7 @@ ENTRY_POINT_GROUP = "airflow_llmops.platforms"
 _BUILTIN = {
     "local": "airflow_llmops.platforms.localhost:LocalHost",
     "sagemaker": "airflow_llmops.platforms.sagemaker:SageMaker",
+    "vertex": "airflow_llmops.platforms.vertex:Vertex",
 }
 _registered: dict[str, Callable[..., Any]] = {}
 

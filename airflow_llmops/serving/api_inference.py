@@ -1,5 +1,6 @@
 """Inference routes: ``/v1/classify`` and the OpenAI-compatible ``/v1/completions``, ``/v1/chat/completions``;
-and SageMaker's container contract, ``GET /ping`` and ``POST /invocations`` (:data:`sagemaker_router`)."""
+SageMaker's container contract, ``GET /ping`` and ``POST /invocations`` (:data:`sagemaker_router`); and Vertex AI's,
+``GET $AIP_HEALTH_ROUTE`` and ``POST $AIP_PREDICT_ROUTE`` (:func:`vertex_router`)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from airflow_llmops.serving.schemas import (
     CompletionRequest,
     InvocationParameters,
     InvocationRequest,
+    PredictRequest,
+    PredictResponse,
 )
 from airflow_llmops.serving.variants import Variant
 
@@ -466,3 +469,122 @@ async def invocations(request: Request, response: Response, state: State, rid: R
     asked = options.max_new_tokens if options.max_new_tokens is not None else options.max_tokens
     params = _params(options, _max_tokens(state, asked, 16))
     return await _complete(state, variant, response, rid=rid, prompts=texts, params=params, endpoint=INVOCATIONS_PATH)
+
+
+# ---- Vertex AI's container contract ----------------------------------------------------------------------------
+_PREDICT_SHAPES = (
+    'send {"instances": ["text", {"inputs": "text"}, {"text": "text"}], "parameters": {...}} (one prediction per '
+    "instance)"
+)
+_INSTANCE_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "object", "properties": {"inputs": {"type": "string"}}, "required": ["inputs"]},
+        {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+    ]
+}
+_PREDICT_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "instances": {"type": "array", "items": _INSTANCE_SCHEMA, "minItems": 1},
+                        "parameters": {
+                            "type": "object",
+                            "description": "causal LMs: max_new_tokens (or max_tokens), temperature, top_p, stop, seed",
+                        },
+                    },
+                    "required": ["instances"],
+                    "additionalProperties": False,
+                }
+            }
+        },
+    }
+}
+
+
+def parse_prediction(body: bytes, content_type: str | None) -> PredictRequest:
+    """The body of Vertex AI's prediction call (:class:`PredictRequest`); anything else is a :class:`BadRequest`
+    (415 for another content type than JSON) whose message shows the accepted shape."""
+    media = (content_type or "application/json").split(";", 1)[0].strip().lower()
+    if media not in ("application/json", "*/*", "") and not media.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type {media!r} is not supported: use application/json ({_PREDICT_SHAPES})")
+    try:
+        payload = json.loads(body.decode("utf-8")) if body.strip() else None
+    except UnicodeDecodeError as err:
+        raise BadRequest(f"request body is not UTF-8 text ({err})") from None
+    except ValueError as err:
+        raise BadRequest(f"request body is not valid JSON: {err}; {_PREDICT_SHAPES}") from None
+    if not isinstance(payload, dict):
+        got = "an empty body" if payload is None else f"a JSON {type(payload).__name__}"
+        raise BadRequest(f"expected a JSON object with 'instances', got {got}: {_PREDICT_SHAPES}")
+    try:
+        return PredictRequest.model_validate(payload)
+    except ValidationError as err:
+        raise BadRequest(_validation_message(err, _PREDICT_SHAPES)) from None
+
+
+async def health(state: State) -> JSONResponse:
+    """Vertex AI's health check (``$AIP_HEALTH_ROUTE``): 200 once every non-shadow variant with traffic is loaded,
+    else 503 (as ``/ping``)."""
+    return await ping(state)
+
+
+async def predict(request: Request, response: Response, state: State, rid: RequestId) -> Any:
+    """Vertex AI's prediction call (``$AIP_PREDICT_ROUTE``): one prediction per instance, a classifier's what
+    ``/v1/classify`` answers per text, a causal LM's generated ``text`` and ``finish_reason`` (``parameters`` as
+    for ``/invocations``); ``deployedModelId`` is ``$AIP_DEPLOYED_MODEL_ID``. Counted in the metrics and the
+    request log under the route's path."""
+    body = parse_prediction(await request.body(), request.headers.get("content-type"))
+    try:
+        texts = body.texts()
+    except ValueError as err:
+        raise BadRequest(f"{err} ({_PREDICT_SHAPES})") from None
+    _check_texts(state, texts, "instance")
+    endpoint = state.config.predict_route or request.url.path
+    variant, task = _pick_any(state, request)
+    predictions: list[dict[str, Any]]
+    if task == "classify":
+        classified = await _classify(state, variant, response, rid=rid, texts=texts, endpoint=endpoint)
+        predictions = [result.model_dump() for result in classified.results]
+    else:
+        options = body.parameters or InvocationParameters()
+        asked = options.max_new_tokens if options.max_new_tokens is not None else options.max_tokens
+        params = _params(options, _max_tokens(state, asked, 16))
+        completed = await _complete(state, variant, response, rid=rid, prompts=texts, params=params, endpoint=endpoint)
+        predictions = [{"text": c["text"], "finish_reason": c["finish_reason"]} for c in completed["choices"]]
+    answer: dict[str, Any] = {"predictions": predictions}
+    if state.config.deployed_model_id is not None:
+        answer["deployedModelId"] = state.config.deployed_model_id
+    return answer
+
+
+def vertex_router(health_route: str | None, predict_route: str | None) -> APIRouter:
+    """Vertex AI's routes, at the paths it gives its container (``$AIP_HEALTH_ROUTE``, ``$AIP_PREDICT_ROUTE``);
+    empty when neither is set."""
+    vertex = APIRouter(tags=["vertex-ai"])
+    if health_route:
+        vertex.add_api_route(
+            health_route,
+            health,
+            methods=["GET"],
+            name="vertex_health",
+            responses={503: {"description": "a variant with traffic is not loaded"}},
+        )
+    if predict_route:
+        vertex.add_api_route(
+            predict_route,
+            predict,
+            methods=["POST"],
+            name="vertex_predict",
+            dependencies=[Depends(_api_key)],
+            openapi_extra=_PREDICT_OPENAPI,
+            responses={
+                200: {"model": PredictResponse},
+                400: {"description": "bad input; the JSON error says what to send"},
+            },
+        )
+    return vertex

@@ -245,6 +245,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         state: ServerState = request.app.state.llmops
         return Response(generate_latest(state.telemetry.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # Vertex AI's routes first: the paths it gives are the ones its calls must reach.
+    app.include_router(api_inference.vertex_router(config.health_route, config.predict_route))
     app.include_router(api_inference.router)
     app.include_router(api_inference.sagemaker_router)
     app.include_router(api_admin.router)

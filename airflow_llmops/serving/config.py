@@ -18,6 +18,12 @@ ENV_API_KEY = "LLMOPS_API_KEY"
 # Test-only switch (also ``--enable-fault-injection``): lets a test harness that starts servers through other code
 # (the local platform passes its environment on) turn failure injection on without a flag of its own.
 ENV_FAULT_INJECTION = "LLMOPS_ENABLE_FAULT_INJECTION"
+# Vertex AI's serving contract: the routes it calls and the deployed model's id (set on its containers).
+ENV_HEALTH_ROUTE = "AIP_HEALTH_ROUTE"
+ENV_PREDICT_ROUTE = "AIP_PREDICT_ROUTE"
+ENV_DEPLOYED_MODEL_ID = "AIP_DEPLOYED_MODEL_ID"
+ROUTE_PATTERN = r"^/[^\s?#]*$"
+_ROUTE_RE = re.compile(ROUTE_PATTERN)
 DAY_S = 86_400.0
 GIB = 1024**3
 
@@ -123,6 +129,20 @@ class ServerConfig(_Model):
     metrics_retention_s: float = Field(default=3600.0, gt=0)
     shadow_max_pending: int = Field(default=64, ge=0, description="shadow copies in flight; more are dropped")
     torch_threads: int | None = Field(default=None, ge=1)
+    health_route: str | None = Field(
+        default=None,
+        pattern=ROUTE_PATTERN,
+        description=f"another GET path answering as /ping (Vertex AI: ${ENV_HEALTH_ROUTE}, the default)",
+    )
+    predict_route: str | None = Field(
+        default=None,
+        pattern=ROUTE_PATTERN,
+        description='a POST path taking Vertex AI\'s {"instances": [...]} and answering {"predictions": [...]} '
+        f"(${ENV_PREDICT_ROUTE}, the default)",
+    )
+    deployed_model_id: str | None = Field(
+        default=None, max_length=256, description=f"the predictions' deployedModelId (${ENV_DEPLOYED_MODEL_ID})"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> Self:
@@ -133,8 +153,10 @@ class ServerConfig(_Model):
         return self
 
     def with_env_defaults(self) -> ServerConfig:
-        """Fill ``admin_token`` and ``api_key`` from ``LLMOPS_ADMIN_TOKEN`` / ``LLMOPS_API_KEY`` when unset, and
-        turn failure injection on when ``LLMOPS_ENABLE_FAULT_INJECTION`` is ``1``/``true``/``yes``."""
+        """Fill ``admin_token`` and ``api_key`` from ``LLMOPS_ADMIN_TOKEN`` / ``LLMOPS_API_KEY`` when unset, turn
+        failure injection on when ``LLMOPS_ENABLE_FAULT_INJECTION`` is ``1``/``true``/``yes``, and take Vertex AI's
+        routes and deployed model id from ``AIP_HEALTH_ROUTE``, ``AIP_PREDICT_ROUTE`` and ``AIP_DEPLOYED_MODEL_ID``
+        when unset (a route that is not a path is a ``ValueError``)."""
         update: dict[str, object] = {}
         if self.admin_token is None and os.environ.get(ENV_ADMIN_TOKEN):
             update["admin_token"] = os.environ[ENV_ADMIN_TOKEN]
@@ -142,6 +164,14 @@ class ServerConfig(_Model):
             update["api_key"] = os.environ[ENV_API_KEY]
         if not self.enable_fault_injection and env_flag(ENV_FAULT_INJECTION):
             update["enable_fault_injection"] = True
+        for field, env in (("health_route", ENV_HEALTH_ROUTE), ("predict_route", ENV_PREDICT_ROUTE)):
+            value = os.environ.get(env, "").strip()
+            if getattr(self, field) is None and value:
+                if not _ROUTE_RE.match(value):
+                    raise ValueError(f"{env}={value!r} is not a URL path (it must start with '/')")
+                update[field] = value
+        if self.deployed_model_id is None and os.environ.get(ENV_DEPLOYED_MODEL_ID):
+            update["deployed_model_id"] = os.environ[ENV_DEPLOYED_MODEL_ID][:256]
         return self.model_copy(update=update) if update else self
 
 

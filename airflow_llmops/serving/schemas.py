@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -66,6 +67,48 @@ class InvocationRequest(BaseModel):
 
     inputs: Text | Annotated[list[Text], Field(min_length=1)] = Field(description="one text or a list of texts")
     parameters: InvocationParameters | None = None
+
+
+class PredictRequest(BaseModel):
+    """Vertex AI's prediction body, ``POST $AIP_PREDICT_ROUTE``: ``{"instances": [...], "parameters": {...}}``;
+    an instance is a text, ``{"inputs": text}`` or ``{"text": text}`` (see :meth:`texts`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instances: Annotated[list[Any], Field(min_length=1)] = Field(
+        description='one per prediction: "text", {"inputs": "text"} or {"text": "text"}'
+    )
+    parameters: InvocationParameters | None = None
+
+    def texts(self) -> list[str]:
+        """The instances' texts, in order; a ``ValueError`` names the first instance of another shape."""
+        texts: list[str] = []
+        for i, instance in enumerate(self.instances):
+            text = instance
+            if isinstance(instance, dict) and len(instance) == 1 and next(iter(instance)) in ("inputs", "text"):
+                text = next(iter(instance.values()))
+            if not isinstance(text, str):
+                raise ValueError(
+                    f'instances.{i}: expected a text, {{"inputs": text}} or {{"text": text}}, got {_shown(instance)}'
+                )
+            try:
+                texts.append(_valid_text(text))
+            except ValueError as err:
+                raise ValueError(f"instances.{i}: {err}") from None
+        return texts
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text[:80] + "..." if len(text) > 80 else text
+
+
+class PredictResponse(BaseModel):
+    """Vertex AI's prediction answer: one prediction per instance (a classifier's ``label``, ``score`` and
+    ``scores``; a causal LM's ``text`` and ``finish_reason``) and the deployed model's id when Vertex set it."""
+
+    predictions: list[dict[str, Any]]
+    deployedModelId: str | None = None  # Vertex AI's name
 
 
 class StreamOptions(_Open):

@@ -30,7 +30,8 @@ class AutoscalingSpec(Spec):
 
     min_instances: int = Field(default=1, ge=1, le=1000)
     max_instances: int = Field(default=2, ge=1, le=1000)
-    target_invocations_per_instance: float = Field(default=100.0, gt=0)
+    target_invocations_per_instance: float = Field(default=100.0, gt=0, description="SageMaker's target")
+    target_cpu_percent: int | None = Field(default=None, ge=1, le=100, description="Vertex AI's CPU target")
     scale_in_cooldown_s: int = Field(default=300, ge=0)
     scale_out_cooldown_s: int = Field(default=60, ge=0)
 

@@ -148,5 +148,5 @@ def test_trigger_round_trips_and_fires_when_the_job_ends(tmp_path, dataset):
 def test_unknown_and_unimplemented_platforms_say_so():
     with pytest.raises(ValueError, match="unknown platform 'mainframe'"):
         get_platform("mainframe")
-    with pytest.raises(ValueError, match="'vertex' has no adapter"):
-        get_platform("vertex")
+    with pytest.raises(ValueError, match="'azureml' has no adapter"):
+        get_platform("azureml")

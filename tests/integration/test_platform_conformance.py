@@ -123,6 +123,75 @@ def _sagemaker_case(dataset: Path, standin: Any) -> Case:
     )
 
 
+GCP_CONN = "llmops_standin_gcp"
+
+
+def _vertex_case(dataset: Path, standin: Any) -> Case:
+    """Vertex AI against its stand-in: the real client library (REST, gRPC for Monitoring), custom jobs running the
+    runtime with Vertex's cluster spec, deployed models served by the real model server."""
+    from test_serving_models import build_classifier
+
+    model_uri = build_classifier().resolve().as_uri()
+    settings = {
+        "gcp_conn_id": GCP_CONN,
+        "region": standin.location,
+        "staging_uri": (standin.root / "staging").as_uri(),
+        "image_uri": "us-docker.pkg.dev/llmops-standin/llmops/runtime:test",
+        "machine_type": "n1-standard-4",
+        "poll_s": 0.2,
+        "wait_timeout_s": 300.0,
+    }
+
+    def spec(**overrides: Any) -> TrainingSpec:
+        base = {
+            "dataset_uri": str(dataset),
+            "max_steps": 6,
+            "per_device_batch_size": 8,
+            "max_seq_length": 32,
+            "checkpoint_every_steps": 3,
+            "log_every_steps": 2,
+            "distributed": {"nproc_per_node": 1},
+        }
+        return TrainingSpec.parse({**base, **overrides})
+
+    def send(handle: EndpointHandle, n: int) -> list[int]:
+        return [standin.predict(handle.endpoint_name, [{"inputs": f"do you like pizza {i}?"}])[0] for i in range(n)]
+
+    return Case(
+        name="vertex",
+        make=lambda root: get_platform("vertex", **settings),
+        spec=spec,
+        model_uri=lambda: model_uri,
+        send=send,
+        stop=lambda platform, endpoint: platform.stop_endpoint(endpoint),
+    )
+
+
+@pytest.fixture(scope="module")
+def vertex(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import json
+    import os
+
+    from standins.vertex import VertexStandIn
+
+    with VertexStandIn(tmp_path_factory.mktemp("vertex"), container_env={"OMP_NUM_THREADS": "1"}) as standin:
+        extra = {
+            "project": standin.project,
+            "is_anonymous": True,
+            "api_endpoint": standin.api_endpoint,
+            "transport": "rest",
+            "monitoring_endpoint": standin.monitoring_endpoint,
+            "monitoring_insecure": True,
+        }
+        conn = {"conn_type": "google_cloud_platform", "extra": extra}
+        os.environ[f"AIRFLOW_CONN_{GCP_CONN.upper()}"] = json.dumps(conn)
+        try:
+            yield standin
+        finally:
+            os.environ.pop(f"AIRFLOW_CONN_{GCP_CONN.upper()}", None)
+            assert standin.errors == [], standin.errors
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return prepare_chatterbot(tmp_path_factory.mktemp("conformance-data"), topics="ai,food,greetings,money")
@@ -144,10 +213,12 @@ def sagemaker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             assert standin.errors == [], standin.errors
 
 
-@pytest.fixture(scope="module", params=["local", "sagemaker"])
+@pytest.fixture(scope="module", params=["local", "sagemaker", "vertex"])
 def case(request: pytest.FixtureRequest, dataset: Path) -> Case:
     if request.param == "sagemaker":
         return _sagemaker_case(dataset, request.getfixturevalue("sagemaker"))
+    if request.param == "vertex":
+        return _vertex_case(dataset, request.getfixturevalue("vertex"))
     return _local_case(dataset)
 
 

@@ -303,8 +303,8 @@ def test_registry_finds_local_by_entry_point_and_explains_missing_ones():
     from importlib.metadata import entry_points
 
     assert {"local", "sagemaker"} <= {ep.name for ep in entry_points(group="airflow_llmops.platforms")}
-    with pytest.raises(ValueError, match="'vertex' has no adapter"):
-        get_platform("vertex")
+    with pytest.raises(ValueError, match="'azureml' has no adapter"):
+        get_platform("azureml")
     with pytest.raises(ValueError, match=r"unknown platform 'mainframe'.*entry-point group"):
         get_platform("mainframe")
 

@@ -1,0 +1,101 @@
+"""The Vertex AI requests our adapter sends, read as data, and what is refused before any API call."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from airflow_llmops.platforms import get_platform
+from airflow_llmops.platforms.vertex import VertexConfigError, VertexSettings
+from airflow_llmops.platforms.vertex import requests as R
+from airflow_llmops.specs import RolloutPlan, TrainingSpec
+
+SETTINGS = VertexSettings(
+    staging_uri="gs://bucket/llmops/",
+    image_uri="us-docker.pkg.dev/p/llmops/runtime:1",
+    env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+)
+
+
+def _spec(**overrides: object) -> TrainingSpec:
+    return TrainingSpec.parse({"dataset_uri": "gs://bucket/data/prepared", "epochs": 2, **overrides})
+
+
+def test_a_two_replica_spot_job_is_a_chief_pool_and_a_worker_pool() -> None:
+    spec = _spec(distributed={"nnodes": 2, "rdzv_endpoint": "workerpool0-0:29500", "use_spot": True})
+    job = R.custom_job(spec, job_name="llmops-train-abc", settings=SETTINGS)
+    pools = job["job_spec"]["worker_pool_specs"]
+    assert [p["replica_count"] for p in pools] == [1, 1]
+    assert pools[0]["machine_spec"] == {"machine_type": "n1-standard-8"}
+    env = {e["name"]: e["value"] for e in pools[0]["container_spec"]["env"]}
+    assert TrainingSpec.from_json(env["LLMOPS_SPEC"]).epochs == 2
+    assert env["LLMOPS_DATASET_URI"] == "gs://bucket/data/prepared"
+    assert env["LLMOPS_RESULT_URI"] == "gs://bucket/llmops/training/llmops-train-abc/llmops/result.json"
+    assert pools[0]["container_spec"]["args"] == ["train"]
+    assert job["job_spec"]["scheduling"] == {"strategy": "SPOT", "restart_job_on_worker_restart": True}
+    assert job["job_spec"]["base_output_directory"] == {
+        "output_uri_prefix": "gs://bucket/llmops/training/llmops-train-abc"
+    }
+    assert job["labels"]["llmops-job"] == "llmops-train-abc" and job["display_name"] == "llmops-train-abc"
+    single = R.custom_job(_spec(), job_name="j", settings=SETTINGS)
+    assert len(single["job_spec"]["worker_pool_specs"]) == 1
+    assert single["job_spec"]["scheduling"]["strategy"] == "STANDARD"
+
+
+@pytest.mark.parametrize(
+    ("settings", "spec", "message"),
+    [
+        (VertexSettings(image_uri="i"), _spec(), "staging_uri"),
+        (VertexSettings(staging_uri="gs://b"), _spec(), "image_uri"),
+        (VertexSettings(staging_uri="s3://b", image_uri="i"), _spec(), "gs:// URI"),
+        (SETTINGS, _spec(dataset_uri="s3://other/data"), "reads the dataset from Cloud Storage"),
+        (SETTINGS, _spec(distributed={"instance_type": "ml.m5.large"}), "not a Compute Engine machine type"),
+        (
+            VertexSettings(**{**SETTINGS.__dict__, "accelerator_type": "NVIDIA_TESLA_A100", "accelerator_count": 1}),
+            _spec(),
+            "cannot take accelerator NVIDIA_TESLA_A100",
+        ),
+    ],
+)
+def test_bad_training_input_is_refused_before_any_api_call(
+    settings: VertexSettings, spec: TrainingSpec, message: str
+) -> None:
+    with pytest.raises(VertexConfigError, match=message):
+        R.custom_job(spec, job_name="job", settings=settings)
+
+
+def test_model_upload_per_source_and_autoscaling_from_the_plan() -> None:
+    folder = R.model_upload("chat", "v1", "gs://b/models/m1/", settings=SETTINGS)
+    assert folder["artifact_uri"] == "gs://b/models/m1" and folder["container_spec"]["args"] == ["serve"]
+    registry = R.model_upload("chat", "v3", "models:/chat/3", settings=SETTINGS)
+    env = {e["name"]: e["value"] for e in registry["container_spec"]["env"]}
+    assert env["LLMOPS_MODEL_URI"] == "models:/chat/3" and "artifact_uri" not in registry
+    assert (
+        registry["labels"]["llmops-source"]
+        != R.model_upload("chat", "v3", "models:/chat/4", settings=SETTINGS)["labels"]["llmops-source"]
+    )
+    with pytest.raises(VertexConfigError, match="cannot reach an endpoint"):
+        R.model_upload("chat", "v1", "/tmp/model", settings=SETTINGS)
+    plan = RolloutPlan.parse(
+        {"strategy": "blue_green", "autoscaling": {"min_instances": 1, "max_instances": 4, "target_cpu_percent": 60}}
+    )
+    resources = R.dedicated_resources(plan, SETTINGS)
+    assert (resources["min_replica_count"], resources["max_replica_count"]) == (1, 4)
+    assert resources["autoscaling_metric_specs"] == [{"metric_name": R.CPU_METRIC, "target": 60}]
+
+
+def test_traffic_becomes_whole_percentages_summing_to_100() -> None:
+    assert R.integer_split({"a": 33.4, "b": 33.3, "c": 33.3}) == {"a": 34, "b": 33, "c": 33}
+    assert R.integer_split({"a": 12.5, "b": 87.5}) in ({"a": 13, "b": 87}, {"a": 12, "b": 88})
+    assert sum(R.integer_split({"a": 10.0, "b": 90.0}).values()) == 100
+
+
+def test_labels_are_valid_and_shadow_is_refused() -> None:
+    assert R.label_value("Chat_Topics v2") == "chat_topics-v2"
+    assert len(R.label_value("x" * 80)) <= 63
+    vertex = get_platform("vertex", staging_uri="gs://b", image_uri="i")
+    assert "cannot mirror traffic" in vertex.capabilities.refuse(RolloutPlan.parse({"strategy": "shadow"}), "vertex")
+    with pytest.raises(VertexConfigError, match=r"unknown vertex platform options \['zone'\]"):
+        get_platform("vertex", zone="x")
+    assert json.loads(json.dumps(SETTINGS.__dict__))["region"] == "us-central1"
