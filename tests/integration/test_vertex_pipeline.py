@@ -1,0 +1,172 @@
+"""``dags/llmops_vertex.py`` end to end under ``dag.test()`` against the Vertex AI stand-in: a two-replica Spot custom
+job (the real runtime, a real model), quantize, evaluate, register in MLflow, deploy; then later versions whose
+canary passes, and one whose canary breaches its SLO and rolls back through the endpoint's traffic split.
+
+The stand-in (``tests/standins/vertex.py``) answers the real client library's REST calls and Cloud Monitoring's
+gRPC ``ListTimeSeries``; custom jobs and deployed models run the real runtime and model server. Cloud Storage is
+not emulated: the artifact root and staging are local folders (``file://``), which the adapter accepts for this.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("vertex-pipeline")]
+
+MODEL = "chatterbot-topics-classifier"
+ENDPOINT = "chatterbot-topics"
+
+
+@pytest.fixture(scope="module")
+def gcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import os
+
+    from standins.vertex import VertexStandIn
+
+    with VertexStandIn(tmp_path_factory.mktemp("vertex"), container_env={"OMP_NUM_THREADS": "1"}) as standin:
+        extra = {
+            "project": standin.project,
+            "is_anonymous": True,
+            "api_endpoint": standin.api_endpoint,
+            "transport": "rest",
+            "monitoring_endpoint": standin.monitoring_endpoint,
+            "monitoring_insecure": True,
+        }
+        os.environ["AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT"] = json.dumps(
+            {"conn_type": "google_cloud_platform", "extra": extra}
+        )
+        try:
+            yield standin
+        finally:
+            os.environ.pop("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", None)
+    assert standin.errors == [], standin.errors
+
+
+class Traffic:
+    """Predictions from a background thread while a rollout runs."""
+
+    def __init__(self, gcp: Any) -> None:
+        self.gcp, self.answers = gcp, []  # type: ignore[var-annotated]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            try:
+                self.answers.append(self.gcp.predict(ENDPOINT, [{"inputs": f"do you like pizza {i}?"}]))
+            except Exception as err:  # between changes: keep going, as a client would
+                self.answers.append((0, str(err), None))
+            i += 1
+            time.sleep(0.2)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def _register_again(mlflow_url: str, version: str) -> str:
+    import mlflow
+    from mlflow import MlflowClient
+
+    source = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url).get_model_version(MODEL, version).source
+    mlflow.set_tracking_uri(mlflow_url)
+    mlflow.set_registry_uri(mlflow_url)
+    return f"models:/{MODEL}/{mlflow.register_model(source, MODEL).version}"
+
+
+def test_llmops_vertex_end_to_end(
+    gcp: Any, airflow_db: Path, mlflow_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dags_under_test import load_dag
+
+    from airflow_llmops.platforms import EndpointHandle, get_platform
+
+    staging = (gcp.root / "staging").as_uri()
+    for key, value in {
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "VERTEX_PROJECT": gcp.project,
+        "VERTEX_REGION": gcp.location,
+        "VERTEX_IMAGE_URI": "us-docker.pkg.dev/llmops-standin/llmops/runtime:test",
+        "VERTEX_STAGING_URI": staging,
+    }.items():
+        monkeypatch.setenv(f"AIRFLOW__LLMOPS__{key}", value)
+
+    dag = load_dag("llmops_vertex")
+    conf = {
+        "dataset_source": "chatterbot://english?topics=ai,food,greetings,money,sports",
+        "max_steps": 12,
+        "replica_count": 2,
+        "use_spot": True,
+        "machine_type": "n1-standard-4",
+        "quantization_methods": ["torch_dynamic_int8"],
+        "max_quality_drop": 100.0,
+        "bake_seconds": 0,
+    }
+    run = dag.test(run_conf=conf)
+    assert run.state == "success", {t.task_id: t.state for t in run.get_task_instances()}
+    trained = run.get_task_instance("train").xcom_pull(task_ids="train")
+    assert trained["metrics"]["eval_accuracy"] > 0 and trained["mlflow_run_id"]
+    assert Path(trained["model_uri"].removeprefix("file://"), "model.safetensors").is_file()
+    job = gcp.client("job").get_custom_job(
+        name=run.get_task_instance("train").xcom_pull(task_ids="train", key="job")["job_id"]
+    )
+    pools = job.job_spec.worker_pool_specs
+    assert [p.replica_count for p in pools] == [1, 1] and job.job_spec.scheduling.strategy.name == "SPOT"
+    registered = run.get_task_instance("register").xcom_pull(task_ids="register")
+    deployed = run.get_task_instance("deploy").xcom_pull(task_ids="deploy")
+    assert deployed["platform"] == "vertex" and deployed["variant"] == f"v{registered['version']}"
+    status, body, _ = gcp.predict(ENDPOINT, [{"inputs": "what is your favourite food?"}])
+    assert status == 200 and body["predictions"][0]["label"], body
+
+    platform = get_platform("vertex", staging_uri=staging, image_uri="i", region=gcp.location)
+    handle = EndpointHandle(platform="vertex", endpoint_name=ENDPOINT)
+    test_dag = load_dag("llmops_test_vertex", folder="tests/dags")
+
+    # -- a later version: canary 50 -> 100 judged on Cloud Monitoring numbers from live predictions: passes -------
+    uri2 = _register_again(mlflow_server.url, registered["version"])
+    with Traffic(gcp):
+        run2 = test_dag.test(run_conf={"model_uri": uri2})
+    rolled2 = run2.get_task_instance("rollout").xcom_pull(task_ids="rollout") or {}
+    assert run2.state == "success", rolled2
+    v2 = rolled2["variant"]
+    assert [s["status"] for s in rolled2["steps"]] == ["passed", "passed"] and rolled2["steps"][0]["new"][
+        "requests"
+    ] >= 4
+    assert platform.get_traffic(handle) == {v2: 100.0}  # promoted; the old version undeployed
+
+    # -- the next version answers errors: the canary breaches and the split from before comes back ---------------
+    uri3 = _register_again(mlflow_server.url, registered["version"])
+    v3 = f"v{uri3.rsplit('/', 1)[1]}"
+
+    def break_it() -> None:  # as soon as v3 is deployed, its server answers 500s
+        for _ in range(600):
+            described = platform.describe_endpoint(handle)
+            ids = {v["name"]: v["deployed_model_id"] for v in described.get("variants", [])}
+            if v3 in ids:
+                gcp.fail_deployed_model(gcp.endpoint_id(ENDPOINT), ids[v3], status=500)
+                return
+            time.sleep(0.2)
+
+    breaker = threading.Thread(target=break_it, daemon=True)
+    breaker.start()
+    with Traffic(gcp):
+        run3 = test_dag.test(run_conf={"model_uri": uri3})
+    breaker.join(timeout=5)
+    gcp.clear_faults()
+    assert run3.state == "failed"
+    record = platform.get_rollout_record(ENDPOINT)
+    assert record.variant == v3 and record.state == "rolled_back" and "error rate" in record.message, record
+    assert platform.get_traffic(handle) == {v2: 100.0}
+    assert [v["name"] for v in platform.describe_endpoint(handle)["variants"]] == [v2]
