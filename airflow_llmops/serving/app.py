@@ -6,7 +6,10 @@ import contextlib
 import json
 import logging
 import re
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -23,7 +26,7 @@ from airflow_llmops.serving.config import ServerConfig
 from airflow_llmops.serving.deps import REQUEST_ID_HEADER, ServerState, new_request_id, request_id
 from airflow_llmops.serving.errors import ServingError
 from airflow_llmops.serving.gateway import Gateway
-from airflow_llmops.serving.request_log import RequestLogWriter
+from airflow_llmops.serving.request_log import RequestLogShipper, RequestLogWriter
 from airflow_llmops.serving.telemetry import Telemetry
 from airflow_llmops.serving.variants import VariantRegistry
 
@@ -182,6 +185,42 @@ def _install_error_handlers(app: FastAPI) -> None:
         return ErrorResponse(_internal_error(rid), 500, {REQUEST_ID_HEADER: rid})
 
 
+def _open_request_log(config: ServerConfig, telemetry: Telemetry) -> tuple[RequestLogWriter | None, Path | None]:
+    """The request-log writer (``None`` when off), with its shipper when a ship URI is set, and the temporary
+    folder it writes to when the config names none (a cloud container: the log only passes through)."""
+    folder, temporary = config.request_log, None
+    if folder is None and config.request_log_ship_uri:
+        folder = temporary = Path(tempfile.mkdtemp(prefix="llmops-request-log-"))
+    if folder is None:
+        return None, None
+    shipper = None
+    if config.request_log_ship_uri:
+        folder.mkdir(parents=True, exist_ok=True)
+        shipper = RequestLogShipper(folder, config.request_log_ship_uri)
+        log.info("request log: %s, shipped to %s as %s", folder, shipper.uri, shipper.server)
+    writer = RequestLogWriter(
+        folder,
+        max_bytes=config.request_log_max_bytes,
+        max_age_s=config.request_log_max_age_s,
+        retention_s=config.request_log_retention_s,
+        max_total_bytes=config.request_log_max_total_bytes,
+        on_drop=telemetry.log_dropped.inc,
+        shipper=shipper,
+    )
+    return writer, temporary
+
+
+def _close_request_log(writer: RequestLogWriter, temporary: Path | None) -> None:
+    writer.close()  # and ships the last file
+    if temporary is None or writer.shipper is None:
+        return
+    left = writer.shipper.pending()
+    if left:
+        log.error("request log: %d file(s) not shipped to %s are left in %s", len(left), writer.shipper.uri, temporary)
+    else:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
 def create_app(config: ServerConfig) -> FastAPI:
     """The server for ``config``; variants start loading when the app starts (``/readyz`` says when done)."""
     config = config.with_env_defaults()
@@ -193,16 +232,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
             torch.set_num_threads(config.torch_threads)
         telemetry = Telemetry(retention_s=config.metrics_retention_s)
-        writer = None
-        if config.request_log is not None:
-            writer = RequestLogWriter(
-                config.request_log,
-                max_bytes=config.request_log_max_bytes,
-                max_age_s=config.request_log_max_age_s,
-                retention_s=config.request_log_retention_s,
-                max_total_bytes=config.request_log_max_total_bytes,
-                on_drop=telemetry.log_dropped.inc,
-            )
+        writer, temporary = _open_request_log(config, telemetry)
         registry = VariantRegistry(config, telemetry)
         gateway = Gateway(registry, telemetry, writer, shadow_max_pending=config.shadow_max_pending)
         app.state.llmops = ServerState(config, telemetry, registry, gateway, writer)
@@ -216,7 +246,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             await gateway.close()
             await registry.close()
             if writer is not None:
-                writer.close()
+                _close_request_log(writer, temporary)
 
     app = FastAPI(
         title="airflow-llmops model server",

@@ -18,6 +18,8 @@ ENV_API_KEY = "LLMOPS_API_KEY"
 # Test-only switch (also ``--enable-fault-injection``): lets a test harness that starts servers through other code
 # (the local platform passes its environment on) turn failure injection on without a flag of its own.
 ENV_FAULT_INJECTION = "LLMOPS_ENABLE_FAULT_INJECTION"
+# Where rotated request-log files are copied (any fsspec URI): the drift check reads them there on a cloud.
+ENV_REQUEST_LOG_SHIP_URI = "LLMOPS_REQUEST_LOG_SHIP_URI"
 # Vertex AI's serving contract: the routes it calls and the deployed model's id (set on its containers).
 ENV_HEALTH_ROUTE = "AIP_HEALTH_ROUTE"
 ENV_PREDICT_ROUTE = "AIP_PREDICT_ROUTE"
@@ -102,6 +104,13 @@ class ServerConfig(_Model):
     request_log_max_total_bytes: int = Field(
         default=GIB, ge=1024, description="delete the oldest rotated request-log files beyond this total size"
     )
+    request_log_ship_uri: str | None = Field(
+        default=None,
+        min_length=1,
+        description="copy each rotated request-log file (and the last one at shutdown) to <URI>/requests-<stamp>-"
+        f"<server id>.jsonl, any fsspec URI (${ENV_REQUEST_LOG_SHIP_URI}, the default); without request_log the "
+        "log is kept in a temporary folder",
+    )
     state_file: Path | None = None
     model_cache: Path | None = Field(
         default=None,
@@ -156,7 +165,8 @@ class ServerConfig(_Model):
         """Fill ``admin_token`` and ``api_key`` from ``LLMOPS_ADMIN_TOKEN`` / ``LLMOPS_API_KEY`` when unset, turn
         failure injection on when ``LLMOPS_ENABLE_FAULT_INJECTION`` is ``1``/``true``/``yes``, and take Vertex AI's
         routes and deployed model id from ``AIP_HEALTH_ROUTE``, ``AIP_PREDICT_ROUTE`` and ``AIP_DEPLOYED_MODEL_ID``
-        when unset (a route that is not a path is a ``ValueError``)."""
+        when unset (a route that is not a path is a ``ValueError``), and ``request_log_ship_uri`` from
+        ``LLMOPS_REQUEST_LOG_SHIP_URI``."""
         update: dict[str, object] = {}
         if self.admin_token is None and os.environ.get(ENV_ADMIN_TOKEN):
             update["admin_token"] = os.environ[ENV_ADMIN_TOKEN]
@@ -170,6 +180,8 @@ class ServerConfig(_Model):
                 if not _ROUTE_RE.match(value):
                     raise ValueError(f"{env}={value!r} is not a URL path (it must start with '/')")
                 update[field] = value
+        if self.request_log_ship_uri is None and os.environ.get(ENV_REQUEST_LOG_SHIP_URI, "").strip():
+            update["request_log_ship_uri"] = os.environ[ENV_REQUEST_LOG_SHIP_URI].strip()
         if self.deployed_model_id is None and os.environ.get(ENV_DEPLOYED_MODEL_ID):
             update["deployed_model_id"] = os.environ[ENV_DEPLOYED_MODEL_ID][:256]
         return self.model_copy(update=update) if update else self

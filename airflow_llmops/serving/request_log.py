@@ -1,5 +1,5 @@
 """The request log: one JSON line per answered input, written by a background thread, rotated by size and age,
-pruned by age and total size.
+pruned by age and total size, and optionally shipped to an object store (:class:`RequestLogShipper`).
 
 Files are ``requests-<UTC timestamp>.jsonl`` in one folder; names sort in time order, and the timestamp (when the
 file was opened) with the file's mtime (its last write) bound the records' times, so :func:`log_files` picks the
@@ -16,7 +16,10 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import queue
+import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -34,6 +37,9 @@ DEFAULT_MAX_TOTAL_BYTES = 1024**3
 QUEUE_SLACK_S = 300.0
 _MTIME_SLACK_S = 2.0  # coarse file-system clocks
 _PRUNE_EVERY_S = 600.0
+ENV_SERVER_ID = "LLMOPS_SERVER_ID"
+SHIPPED_FILE = ".shipped"  # in the log folder: the local names of the files already shipped, one a line
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +50,8 @@ def _file_name(now: float) -> str:
 
 def _name_time(path: Path) -> float | None:
     """When the writer opened the file, from its name; ``None`` for other names (e.g. simulated logs)."""
-    stamp = path.name.removeprefix(PREFIX).removesuffix(SUFFIX)
+    # A shipped file's name is ``requests-<stamp>-<server id>.jsonl``: the stamp holds no ``-``.
+    stamp = path.name.removeprefix(PREFIX).removesuffix(SUFFIX).split("-", 1)[0]
     try:
         return dt.datetime.strptime(stamp, _STAMP).replace(tzinfo=dt.timezone.utc).timestamp()
     except ValueError:
@@ -127,6 +134,139 @@ def prune_request_log(
     return deleted
 
 
+def server_id() -> str:
+    """This server's name in shipped file names: ``$LLMOPS_SERVER_ID``, else ``<hostname>-<pid>`` (unique across the
+    replicas and variants that ship to one URI); characters other than ``[A-Za-z0-9._-]`` become ``_``."""
+    value = os.environ.get(ENV_SERVER_ID, "").strip() or f"{socket.gethostname()}-{os.getpid()}"
+    return _ID_UNSAFE.sub("_", value)[:128] or "server"
+
+
+def shipped_name(local_name: str, server: str) -> str:
+    """``requests-<stamp>.jsonl`` → ``requests-<stamp>-<server>.jsonl`` (what :func:`log_files` still times)."""
+    return f"{local_name.removesuffix(SUFFIX)}-{server}{SUFFIX}"
+
+
+class RequestLogShipper:
+    """Copies the closed request-log files of ``folder`` to ``<uri>/requests-<stamp>-<server id>.jsonl`` with fsspec,
+    in a background thread: woken at each rotation, retried every ``retry_s`` after a failure, and at :meth:`close`
+    (after the writer closed its file) it ships the rest. ``<folder>/.shipped`` lists the files already shipped, so
+    a restarted server ships only what is left.
+
+    :param uri: any fsspec URI or a plain path (``gs://b/p``, ``s3://``, ``abfs://``, ``file:///p``, ``/p``).
+    :param server: the name part that tells servers apart (default :func:`server_id`).
+    """
+
+    def __init__(self, folder: Path, uri: str, *, server: str | None = None, retry_s: float = 60.0) -> None:
+        import fsspec
+
+        self.folder = Path(folder)
+        self.uri = uri.rstrip("/") or uri
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.root = self.root.rstrip("/") or self.root
+        self.server = server or server_id()
+        self.retry_s = retry_s
+        self.failures = 0
+        self._record = self.folder / SHIPPED_FILE
+        self.shipped: set[str] = self._read_record()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        # Files named before this may be shipped; the writer moves it to the name of each file it opens.
+        self._open_name: str | None = _file_name(time.time())
+        self._wake.set()  # at start: the files an earlier run left unshipped
+        self._thread = threading.Thread(target=self._run, name="llmops-request-log-ship", daemon=True)
+        self._thread.start()
+
+    def rotated(self, open_path: Path) -> None:
+        """The writer opened ``open_path``: every file named before it is closed and may go (never blocks)."""
+        with self._lock:
+            self._open_name = open_path.name
+        self._wake.set()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Ship every file left (the writer has closed its own) and stop, waiting at most ``timeout``."""
+        with self._lock:
+            self._open_name = None
+            self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning(
+                "request log: still shipping to %s after %.0f s; the rest ships at the next start", self.uri, timeout
+            )
+
+    def pending(self) -> list[str]:
+        """The closed files not shipped yet, oldest first."""
+        with self._lock:
+            limit = self._open_name
+        names = sorted(p.name for p in self.folder.glob(f"{PREFIX}*{SUFFIX}"))
+        return [n for n in names if n not in self.shipped and (limit is None or n < limit)]
+
+    def ship_pending(self) -> bool:
+        """Upload the pending files in order; stops at the first failure (logged, retried later). True when none
+        is left."""
+        for name in self.pending():
+            try:
+                self._upload(name)
+            except FileNotFoundError as err:
+                if (self.folder / name).exists():  # the target is missing (a bucket, a folder), not the file
+                    return self._failed(name, err)
+                continue  # pruned by the retention meanwhile
+            except Exception as err:  # each filesystem raises its own errors
+                return self._failed(name, err)
+            self.shipped.add(name)
+            self._write_record()
+            log.info("request log: shipped %s to %s", name, self.uri)
+        return True
+
+    def _failed(self, name: str, err: BaseException) -> bool:
+        self.failures += 1
+        log.warning("request log: shipping %s to %s failed (retried later): %s", name, self.uri, err)
+        return False
+
+    def _upload(self, name: str) -> None:
+        target = f"{self.root}/{shipped_name(name, self.server)}"
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        if "file" in protocols or "local" in protocols:
+            # A reader of a folder must never see half a file: write beside it, then rename.
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.put_file(str(self.folder / name), f"{target}.part")
+            self.fs.mv(f"{target}.part", target)
+        else:  # an object store's put is atomic
+            self.fs.put_file(str(self.folder / name), target)
+
+    def _read_record(self) -> set[str]:
+        try:
+            return {line.strip() for line in self._record.read_text(encoding="utf-8").splitlines() if line.strip()}
+        except OSError:
+            return set()
+
+    def _write_record(self) -> None:
+        existing = {p.name for p in self.folder.glob(f"{PREFIX}*{SUFFIX}")}
+        self.shipped &= existing  # forget the files the retention deleted
+        tmp = self._record.with_name(f"{SHIPPED_FILE}.tmp")
+        try:
+            tmp.write_text("".join(f"{n}\n" for n in sorted(self.shipped)), encoding="utf-8")
+            os.replace(tmp, self._record)
+        except OSError as err:  # at worst a file is shipped again after a restart (same name: overwritten)
+            log.warning("request log: cannot write %s: %s", self._record, err)
+
+    def _run(self) -> None:
+        done = True
+        while True:
+            self._wake.wait(None if done else self.retry_s)
+            self._wake.clear()
+            with self._lock:
+                stopping = self._stopping
+            try:
+                done = self.ship_pending()
+            except Exception:  # a listing failure must not end the thread
+                log.exception("request log: shipping to %s failed", self.uri)
+                done = False
+            if stopping:
+                return
+
+
 class RequestLogWriter:
     """Appends records from any thread without blocking; a daemon thread writes and rotates the files.
 
@@ -137,6 +277,7 @@ class RequestLogWriter:
         every few minutes).
     :param max_total_bytes: then delete the oldest files until the folder holds at most this much.
     :param on_drop: called when a record is dropped because the queue is full (the disk cannot keep up).
+    :param shipper: told of each rotation, closed after the last file (see :class:`RequestLogShipper`).
     """
 
     def __init__(
@@ -149,8 +290,10 @@ class RequestLogWriter:
         max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
         max_queue: int = 100_000,
         on_drop: Callable[[], None] | None = None,
+        shipper: RequestLogShipper | None = None,
     ) -> None:
         self.folder = Path(folder)
+        self.shipper = shipper
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
@@ -182,6 +325,10 @@ class RequestLogWriter:
     def close(self, timeout: float = 10.0) -> None:
         self._queue.put(_STOP, timeout=timeout)
         self._thread.join(timeout)
+        if self.shipper is not None and not self._thread.is_alive():  # the last file is closed now: ship it too
+            self.shipper.close()
+        elif self.shipper is not None:
+            log.warning("request log: the writer did not stop in %.0f s; its last file is not shipped", timeout)
 
     def prune(self, now: float | None = None) -> list[Path]:
         """Apply the retention now (the writer thread does it on its own; tests and tools may call it)."""
@@ -210,6 +357,8 @@ class RequestLogWriter:
                 path = self.folder / _file_name(now)
             self._file = path.open("a", encoding="utf-8")
             self._path, self._opened_at, self._size = path, now, 0
+            if self.shipper is not None:
+                self.shipper.rotated(path)
             self.prune(now)
         return self._file
 

@@ -20,6 +20,7 @@ from airflow_llmops.serving.config import (
     ENV_ADMIN_TOKEN,
     ENV_API_KEY,
     ENV_FAULT_INJECTION,
+    ENV_REQUEST_LOG_SHIP_URI,
     ServerConfig,
     VariantSpec,
     parse_model_arg,
@@ -104,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete the oldest request-log files beyond this total size (default: 1 GiB)",
     )
     parser.add_argument(
+        "--request-log-ship-uri",
+        metavar="URI",
+        help="copy each rotated request-log file (and the last one at shutdown) to URI, any fsspec URI (gs://, "
+        f"s3://, abfs://, file://, a path), named requests-<stamp>-<server id>.jsonl (${ENV_REQUEST_LOG_SHIP_URI} "
+        "is the default; $LLMOPS_SERVER_ID names this server, default hostname-pid)",
+    )
+    parser.add_argument(
         "--state-file", type=Path, help="JSON of the variants, rewritten on every admin change; wins over --model"
     )
     parser.add_argument("--model-cache", type=Path, help="where models:/ and other remote sources are downloaded")
@@ -164,6 +172,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         request_log_max_age_s=args.request_log_max_age_s,
         request_log_retention_s=args.request_log_retention_s,
         request_log_max_total_bytes=args.request_log_max_total_bytes,
+        request_log_ship_uri=args.request_log_ship_uri,
         enable_fault_injection=args.enable_fault_injection,
         state_file=args.state_file,
         model_cache=args.model_cache,

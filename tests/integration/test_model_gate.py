@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import prepare_chatterbot, train_classifier
 
+# The second test judges against the champion the first one promoted: one worker runs them in order.
+pytestmark = pytest.mark.xdist_group("model-gate")
+
 MODEL = "topics-test"
 
 

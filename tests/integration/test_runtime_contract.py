@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ import pytest
 from conftest import prepare_chatterbot
 from test_serving_models import LABELS, build_classifier, build_tiny_lm
 
-from airflow_llmops.ml.training.jobdir import JobDir
 from airflow_llmops.processes import ManagedProcess, free_port, http_ok
 from airflow_llmops.specs import TrainingSpec
 
@@ -107,48 +105,6 @@ def _model_files(root: Path) -> list[str]:
     return sorted(p.name for p in (root / "model").iterdir()) if (root / "model").is_dir() else []
 
 
-def test_one_host_trains_into_model_and_checkpoints(dataset: Path, tmp_path: Path) -> None:
-    root = _opt_ml(tmp_path / "opt-ml", _spec(), dataset, ["algo-1"], "algo-1")
-    code = _finish(_train(root), root)
-    assert code == 0, _log(root)
-    assert "model.safetensors" in _model_files(root) and "tokenizer.json" in _model_files(root)
-    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
-    status = _status(root)
-    assert status["state"] == "succeeded" and status["model_uri"] == str(root / "model")
-    assert status["world_size"] == 1 and status["resumed_from_step"] is None
-    spec = TrainingSpec.from_json((root / "output" / "data" / "spec.json").read_text())
-    assert spec.dataset_uri == str(root / "input" / "data" / "dataset") and spec.output_uri == str(root / "model")
-    progress = (root / "output" / "data" / "progress.jsonl").read_text().splitlines()
-    assert json.loads(progress[-1])["step"] == 6 and json.loads(progress[-1])["final"] is True
-    assert "[train] step 6/6" in (root / "output" / "data" / "train.log").read_text()
-    assert not (root / "output" / "failure").exists()
-
-
-def test_two_hosts_train_one_job_and_only_the_first_holds_the_model(dataset: Path, tmp_path: Path) -> None:
-    hosts = ["algo-1", "algo-2"]
-    port = str(free_port())
-    roots = [_opt_ml(tmp_path / host, _spec(), dataset, hosts, host) for host in hosts]
-    procs = [_train(root, LLMOPS_MASTER_ADDR="127.0.0.1", LLMOPS_MASTER_PORT=port) for root in roots]
-    try:
-        codes = [_finish(proc, root) for proc, root in zip(procs, roots, strict=True)]
-    finally:
-        for proc in procs:
-            _stop(proc)
-    assert codes == [0, 0], "\n\n".join(_log(root) for root in roots)
-    first, second = roots
-    assert "model.safetensors" in _model_files(first)
-    assert _model_files(second) == []
-    leader, worker = _status(first), _status(second)
-    assert leader["state"] == "succeeded" and leader["world_size"] == 2
-    assert worker["state"] == "succeeded" and worker["role"] == "worker-node" and worker["world_size"] == 2
-    assert "(node 0 of 2)" in (first / "container.log").read_text()
-    assert "(node 1 of 2)" in (second / "container.log").read_text()
-    steps = [
-        json.loads(line)["step"] for line in (first / "output" / "data" / "progress.jsonl").read_text().splitlines()
-    ]
-    assert steps[-1] == 6  # one writer (global rank 0) for both hosts
-
-
 def test_a_failing_job_names_the_problem_in_output_failure(tmp_path: Path) -> None:
     # The dataset channel exists but holds no prepared dataset: the training entry point's own message.
     root = _opt_ml(tmp_path / "no-data", _spec(), None, ["algo-1"], "algo-1")
@@ -164,34 +120,6 @@ def test_a_failing_job_names_the_problem_in_output_failure(tmp_path: Path) -> No
     (bare / "input" / "config" / "hyperparameters.json").write_text(json.dumps({"epochs": "1"}))
     assert _finish(_train(bare), bare) == 2
     assert "has no 'llmops_spec'" in (bare / "output" / "failure").read_text()
-
-
-def test_a_stopped_job_resumes_from_its_newest_checkpoint(dataset: Path, tmp_path: Path) -> None:
-    root = _opt_ml(tmp_path / "opt-ml", _spec(max_steps=500, log_every_steps=1), dataset, ["algo-1"], "algo-1")
-    job = JobDir(root / "output" / "llmops-job")
-    first = _train(root)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while job.latest_checkpoint() is None and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        still_running = first.poll() is None
-    finally:
-        _stop(first)  # SIGTERM, as SageMaker stops a job or reclaims a spot instance
-    assert still_running and job.latest_checkpoint() is not None, _log(root)
-    assert first.returncode == 128 + signal.SIGTERM
-    assert "SIGTERM" in (root / "output" / "failure").read_text()
-    resumed_at = job.latest_checkpoint()
-    assert resumed_at is not None and resumed_at.step < 500
-
-    # The restart (SageMaker restores checkpoints/): same folder, a spec that stops two steps later.
-    _opt_ml(root, _spec(max_steps=resumed_at.step + 2), dataset, ["algo-1"], "algo-1")
-    second = _train(root)
-    assert _finish(second, root) == 0, _log(root)
-    status = _status(root)
-    assert status["state"] == "succeeded" and status["resumed_from_step"] == resumed_at.step
-    assert status["global_step"] == resumed_at.step + 2
-    assert f"resuming from checkpoint {job.checkpoints}" in _log(root)
-    assert not (root / "output" / "failure").exists()  # the successful attempt cleared the stopped one's reason
 
 
 @pytest.fixture

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,6 @@ from conftest import prepare_chatterbot
 from test_serving_models import LABELS, build_classifier, build_tiny_lm
 
 from airflow_llmops.ml.runtime import FAILURE_PREFIX, train_vertex
-from airflow_llmops.ml.train import RESULT_PREFIX
-from airflow_llmops.ml.training.jobdir import JobDir
 from airflow_llmops.processes import ManagedProcess, free_port, http_ok
 from airflow_llmops.specs import TrainingSpec
 
@@ -52,11 +48,6 @@ def _spec(**overrides: Any) -> TrainingSpec:
         "distributed": {"nproc_per_node": 1},
     }
     return TrainingSpec.parse({**base, **overrides})
-
-
-def _cluster_spec(task: str, index: int, pools: dict[str, list[str]]) -> str:
-    job = {"workerPoolSpecs": [{"replicaCount": len(hosts)} for hosts in pools.values()]}
-    return json.dumps({"cluster": pools, "task": {"type": task, "index": index}, "job": json.dumps(job)})
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -98,90 +89,8 @@ def _finish(proc: subprocess.Popen[str], log: Path) -> tuple[int, str, str]:
     return code, log.with_suffix(".out").read_text(errors="replace"), log.with_suffix(".err").read_text()
 
 
-def _result(stdout: str) -> dict[str, Any]:
-    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    assert len(lines) == 1, stdout[-3000:]
-    result: dict[str, Any] = json.loads(lines[0].removeprefix(RESULT_PREFIX))
-    return result
-
-
 def _names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-
-def test_one_replica_trains_into_aip_model_dir_and_aip_checkpoint_dir(dataset: Path, tmp_path: Path) -> None:
-    pools = {"workerpool0": ["127.0.0.1:2222"]}
-    env = _env(tmp_path, CLUSTER_SPEC=_cluster_spec("workerpool0", 0, pools), LLMOPS_DATASET_URI=dataset.as_uri())
-    # A tuning trial's value, as Vertex AI passes it.
-    code, out, err = _finish(_train(env, tmp_path / "chief", "--learning_rate=0.0003"), tmp_path / "chief")
-    assert code == 0, out[-3000:] + err[-3000:]
-    assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(_names(tmp_path / "model"))
-    assert _names(tmp_path / "checkpoints") == ["checkpoint-3", "checkpoint-6"]
-    result = _result(out)
-    assert result["world_size"] == 1 and result["resumed_from_step"] is None and result["metrics"]
-    assert FAILURE_PREFIX not in err
-    job = tmp_path / "work" / "workerpool0-0" / "llmops-job"
-    spec = TrainingSpec.from_json((job / "spec.json").read_text())
-    assert spec.learning_rate == 0.0003 and spec.dataset_uri == str(dataset)
-    assert Path(json.loads((job / "status.json").read_text())["model_uri"]).resolve() == (tmp_path / "model").resolve()
-    assert "Vertex AI replica workerpool0[0] (node 0 of 1)" in out
-    record = json.loads((tmp_path / "llmops" / "result.json").read_text())  # for whoever started the job
-    assert record["state"] == "succeeded" and record["metrics"] == result["metrics"] and record["global_step"] == 6
-
-
-def test_two_replicas_train_one_job_and_only_the_chief_writes_the_model(dataset: Path, tmp_path: Path) -> None:
-    pools = {"workerpool0": ["127.0.0.1:2222"], "workerpool1": ["127.0.0.1:2223"]}
-    port = str(free_port())
-    common = {"LLMOPS_DATASET_URI": str(dataset), "LLMOPS_MASTER_ADDR": "127.0.0.1", "LLMOPS_MASTER_PORT": port}
-    replicas = [("workerpool0", tmp_path / "chief"), ("workerpool1", tmp_path / "worker")]
-    procs = [
-        _train(_env(tmp_path, CLUSTER_SPEC=_cluster_spec(pool, 0, pools), **common), log) for pool, log in replicas
-    ]
-    try:
-        (code0, out0, err0), (code1, out1, err1) = [
-            _finish(p, log) for p, (_, log) in zip(procs, replicas, strict=True)
-        ]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    assert (code0, code1) == (0, 0), "\n\n".join([out0[-2500:], err0[-1500:], out1[-2500:], err1[-1500:]])
-    assert "model.safetensors" in _names(tmp_path / "model")
-    assert "(node 0 of 2)" in out0 and "(node 1 of 2)" in out1
-    assert _result(out0)["world_size"] == 2
-    assert RESULT_PREFIX not in out1  # global rank 0 reports, and writes the model
-    worker = json.loads((tmp_path / "work" / "workerpool1-0" / "llmops-job" / "status.json").read_text())
-    assert worker["role"] == "worker-node" and worker["model_uri"] is None
-    assert _names(tmp_path / "checkpoints") == ["checkpoint-3", "checkpoint-6"]
-    assert json.loads((tmp_path / "llmops" / "result.json").read_text())["world_size"] == 2  # the chief's
-
-
-def test_a_preempted_replica_resumes_from_the_newest_checkpoint_in_aip_checkpoint_dir(
-    dataset: Path, tmp_path: Path
-) -> None:
-    env = _env(tmp_path, LLMOPS_DATASET_URI=str(dataset), LLMOPS_SPEC=_spec(max_steps=500, log_every_steps=1).to_json())
-    checkpoints = JobDir(tmp_path)  # its checkpoints/ is AIP_CHECKPOINT_DIR
-    first = _train(env, tmp_path / "first")
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while checkpoints.latest_checkpoint() is None and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        still_running = first.poll() is None
-    finally:
-        if first.poll() is None:
-            first.send_signal(signal.SIGTERM)  # Vertex AI preempts a replica this way
-    code, out, err = _finish(first, tmp_path / "first")
-    assert still_running and code == 128 + signal.SIGTERM, out[-3000:] + err[-2000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith(FAILURE_PREFIX) and "SIGTERM" in last and "AIP_CHECKPOINT_DIR" in last, err
-    latest = checkpoints.latest_checkpoint()
-    assert latest is not None and latest.step < 500
-    # Vertex AI restarts the replica with the same variables; this spec stops two steps later.
-    env["LLMOPS_SPEC"] = _spec(max_steps=latest.step + 2).to_json()
-    code, out, err = _finish(_train(env, tmp_path / "second"), tmp_path / "second")
-    assert code == 0, out[-3000:] + err[-2000:]
-    assert _result(out)["resumed_from_step"] == latest.step
-    assert "model.safetensors" in _names(tmp_path / "model")
 
 
 def test_a_missing_dataset_fails_with_the_reason_as_the_last_stderr_line(tmp_path: Path) -> None:

@@ -149,53 +149,6 @@ def stream_messages(sm: SageMakerStandIn, group: str, stream: str) -> list[str]:
 # -- training --------------------------------------------------------------------------------------------------------
 
 
-def test_two_instance_training_job_runs_the_runtime_and_uploads_a_real_model(sm, dataset_uri, tmp_path):
-    name = "standin-train-2x"
-    create_training_job(sm, name, dataset_uri, spec=spec_json(), instances=2)
-    desc, seen = follow_training(sm, name)
-
-    assert desc["TrainingJobStatus"] == "Completed", f"{desc.get('FailureReason')}\n{logs_of(sm, name)}"
-    assert seen[0][0] == "InProgress" and ("InProgress", "Training") in seen
-    transitions = [t["Status"] for t in desc["SecondaryStatusTransitions"]]
-    assert transitions == ["Starting", "Downloading", "Training", "Uploading", "Completed"]
-    assert desc["TrainingTimeInSeconds"] >= 1 and desc["BillableTimeInSeconds"] >= 1
-    assert desc["TrainingEndTime"] >= desc["TrainingStartTime"]
-
-    # Each instance had its own /opt/ml, laid out as SageMaker does.
-    for i in (1, 2):
-        root = sm.training_root(name, i)
-        config = json.loads((root / "input/config/resourceconfig.json").read_text())
-        assert config["current_host"] == f"algo-{i}" and config["hosts"] == ["algo-1", "algo-2"]
-        assert json.loads((root / "input/config/hyperparameters.json").read_text())["llmops_spec"]
-        assert (root / "input/data/dataset/manifest.json").is_file()
-        assert "dataset" in json.loads((root / "input/config/inputdataconfig.json").read_text())
-
-    # model.tar.gz holds a real model (algo-1's model/), and it loads.
-    artifact = desc["ModelArtifacts"]["S3ModelArtifacts"]
-    assert artifact == sm.s3_uri(f"output/{name}/output/model.tar.gz")
-    with tarfile.open(fileobj=io.BytesIO(read_s3(sm, artifact))) as tar:
-        tar.extractall(tmp_path / "model", filter="data")
-    from transformers import AutoConfig
-
-    assert AutoConfig.from_pretrained(tmp_path / "model").num_labels == 4  # the four chatterbot topics
-    assert any((tmp_path / "model").glob("*.safetensors"))
-    with tarfile.open(fileobj=io.BytesIO(read_s3(sm, sm.s3_uri(f"output/{name}/output/output.tar.gz")))) as tar:
-        status = json.load(tar.extractfile("status.json"))  # type: ignore[arg-type]
-    assert status["state"] == "succeeded"
-
-    # Checkpoints were synced to CheckpointConfig.S3Uri; each host's log went to CloudWatch Logs.
-    assert any(re.search(r"/checkpoint-\d+/", key) for key in s3_keys(sm, f"checkpoints/{name}/"))
-    streams = sm.client("logs").describe_log_streams(
-        logGroupName="/aws/sagemaker/TrainingJobs", logStreamNamePrefix=f"{name}/"
-    )["logStreams"]
-    hosts = sorted(s["logStreamName"].split("/")[1].rsplit("-", 1)[0] for s in streams)
-    assert hosts == ["algo-1", "algo-2"]
-    algo1 = next(s["logStreamName"] for s in streams if "/algo-1-" in s["logStreamName"])
-    assert any(
-        "[runtime] host algo-1 (node 0 of 2)" in m for m in stream_messages(sm, "/aws/sagemaker/TrainingJobs", algo1)
-    )
-
-
 def test_a_bad_training_job_fails_with_a_reason_that_names_the_problem(sm, dataset_uri):
     name = "standin-train-bad"
     create_training_job(sm, name, dataset_uri, spec=json.dumps({"max_steps": "many"}))
@@ -719,13 +672,6 @@ def trials_of(sm: SageMakerStandIn, name: str) -> list[dict[str, Any]]:
     )["TrainingJobSummaries"]
 
 
-def result_metrics(sm: SageMakerStandIn, job: str) -> dict[str, Any]:
-    """The metrics of the job's ``[llmops-result] {...}`` line (the last one in its logs)."""
-    lines = [line for line in logs_of(sm, job).splitlines() if "[llmops-result] " in line]
-    assert lines, logs_of(sm, job)
-    return json.loads(lines[-1].split("[llmops-result] ", 1)[1])["metrics"]
-
-
 def test_a_tuning_job_request_is_checked_like_sagemaker(sm, dataset_uri):
     import boto3
     from botocore.config import Config
@@ -770,94 +716,6 @@ def test_a_tuning_job_request_is_checked_like_sagemaker(sm, dataset_uri):
     assert not any(
         j["TrainingJobName"].startswith("standin-bad") for j in raw.list_training_jobs()["TrainingJobSummaries"]
     )
-
-
-def test_a_tuning_job_runs_its_trials_as_training_jobs_and_reports_the_best(sm, dataset_uri):
-    client = sm.client("sagemaker")
-    name = "standin-tune"
-    request = tuning_request(sm, name, dataset_uri, spec=spec_json(max_steps=4, checkpoint_every_steps=100), max_jobs=2)
-    arn = client.create_hyper_parameter_tuning_job(**request)["HyperParameterTuningJobArn"]
-    desc = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
-    assert desc["HyperParameterTuningJobStatus"] == "InProgress" and desc["HyperParameterTuningJobArn"] == arn
-    assert desc["HyperParameterTuningJobConfig"]["TrainingJobEarlyStoppingType"] == "Auto"
-
-    running_at_once = 0  # MaxParallelTrainingJobs 1: never two trials at a time
-    deadline = time.monotonic() + 240
-    while desc["HyperParameterTuningJobStatus"] == "InProgress":
-        running_at_once = max(running_at_once, sum(t["TrainingJobStatus"] == "InProgress" for t in trials_of(sm, name)))
-        assert time.monotonic() < deadline, desc
-        time.sleep(0.5)
-        desc = client.describe_hyper_parameter_tuning_job(HyperParameterTuningJobName=name)
-    trials = sorted(trials_of(sm, name), key=lambda t: t["TrainingJobName"])
-    assert desc["HyperParameterTuningJobStatus"] == "Completed", (
-        desc.get("FailureReason"),
-        {t["TrainingJobName"]: logs_of(sm, t["TrainingJobName"])[-2000:] for t in trials},
-    )
-    assert running_at_once == 1
-    assert desc["TrainingJobStatusCounters"] == {
-        "Completed": 2,
-        "InProgress": 0,
-        "RetryableError": 0,
-        "NonRetryableError": 0,
-        "Stopped": 0,
-    }
-    assert desc["ObjectiveStatusCounters"] == {"Succeeded": 2, "Pending": 0, "Failed": 0}
-    assert desc["HyperParameterTuningEndTime"] >= desc["CreationTime"] and "FailureReason" not in desc
-
-    # Two real training jobs with SageMaker's names, the definition's fields and the sampled values as strings.
-    assert len(trials) == 2 and [t["TrainingJobName"][len(name) : len(name) + 4] for t in trials] == ["-001", "-002"]
-    values = {}
-    for trial in trials:
-        job = trial["TrainingJobName"]
-        assert re.fullmatch(TRIAL_NAME.format(tuning=name), job)
-        assert (trial["TrainingJobStatus"], trial["ObjectiveStatus"], trial["TuningJobName"]) == (
-            "Completed",
-            "Succeeded",
-            name,
-        )
-        tuned = trial["TunedHyperParameters"]
-        assert set(tuned) == {"learning_rate", "per_device_batch_size"}
-        assert 1e-5 <= float(tuned["learning_rate"]) <= 1e-3 and 4 <= int(tuned["per_device_batch_size"]) <= 8
-        hyperparameters = json.loads((sm.training_root(job) / "input/config/hyperparameters.json").read_text())
-        assert hyperparameters == {
-            "llmops_spec": request["TrainingJobDefinition"]["StaticHyperParameters"]["llmops_spec"],
-            **tuned,
-        }
-
-        described = client.describe_training_job(TrainingJobName=job)
-        assert described["TuningJobArn"] == arn and described["HyperParameters"] == hyperparameters
-        assert described["AlgorithmSpecification"]["MetricDefinitions"] == TUNING_METRICS
-        assert described["CheckpointConfig"]["S3Uri"] == sm.s3_uri(f"checkpoints/{name}/{job}")
-        assert described["ModelArtifacts"]["S3ModelArtifacts"] == sm.s3_uri(f"tuning/{job}/output/model.tar.gz")
-        # FinalMetricDataList: every metric definition's value in the job's result line.
-        printed = result_metrics(sm, job)
-        final = {m["MetricName"]: m["Value"] for m in described["FinalMetricDataList"]}
-        assert final == pytest.approx({"eval_accuracy": printed["eval_accuracy"], "eval_loss": printed["eval_loss"]})
-        objective = trial["FinalHyperParameterTuningJobObjectiveMetric"]
-        assert objective["MetricName"] == "eval_accuracy" and objective["Value"] == pytest.approx(
-            final["eval_accuracy"]
-        )
-        values[job] = objective["Value"]
-
-    best = desc["BestTrainingJob"]
-    top = max(values.values())
-    assert best["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == pytest.approx(top)
-    assert best["FinalHyperParameterTuningJobObjectiveMetric"]["MetricName"] == "eval_accuracy"
-    assert values[best["TrainingJobName"]] == top
-    if len(set(values.values())) == 2:
-        assert best["TrainingJobName"] == max(values, key=values.__getitem__)
-    assert best["TrainingJobStatus"] == "Completed" and best["ObjectiveStatus"] == "Succeeded"
-    assert (
-        best["TunedHyperParameters"]
-        == next(t for t in trials if t["TrainingJobName"] == best["TrainingJobName"])["TunedHyperParameters"]
-    )
-    assert result_metrics(sm, best["TrainingJobName"])["eval_accuracy"] == pytest.approx(top)
-    # The list sorts by the objective too.
-    by_value = client.list_training_jobs_for_hyper_parameter_tuning_job(
-        HyperParameterTuningJobName=name, SortBy="FinalObjectiveMetricValue", SortOrder="Descending", MaxResults=1
-    )
-    assert by_value["TrainingJobSummaries"][0]["FinalHyperParameterTuningJobObjectiveMetric"]["Value"] == top
-    assert "NextToken" in by_value
 
 
 def test_a_tuning_job_whose_trials_all_fail_fails(sm, dataset_uri):

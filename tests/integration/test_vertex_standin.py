@@ -175,41 +175,6 @@ def processes_under(folder: Path, timeout: float = 20) -> list[str]:
 # -- custom jobs -----------------------------------------------------------------------------------------------------
 
 
-def test_a_two_replica_custom_job_runs_the_runtime_and_writes_a_real_model(vertex, dataset_uri, tmp_path):
-    job = custom_job(
-        "standin-train-2x", tmp_path / "out", dataset_uri, spec_json(), replicas=(1, 1), labels={"llmops-run": "r1"}
-    )
-    created = create(vertex, job)
-    assert re.fullmatch(rf"{vertex.parent}/customJobs/\d+", created.name)
-    assert created.state == JobState.JOB_STATE_PENDING
-
-    done, seen = follow(vertex, created.name)
-    assert done.state == JobState.JOB_STATE_SUCCEEDED, f"{done.error.message}\n{logs_of(vertex, created.name)}"
-    assert seen[0] == "JOB_STATE_PENDING" and "JOB_STATE_RUNNING" in seen
-    assert done.start_time and done.end_time and done.end_time >= done.start_time
-    assert done.job_spec.worker_pool_specs[1].container_spec.env[0].name == "LLMOPS_SPEC"
-
-    # Both replicas ran, as nodes 0 and 1 of one torchrun rendezvous; rank 0 wrote the model to AIP_MODEL_DIR.
-    logs = "\n".join(vertex.job_logs(created.name))
-    assert "workerpool0[0] (node 0 of 2)" in logs and "workerpool1[0] (node 1 of 2)" in logs, logs[-3000:]
-    from transformers import AutoConfig
-
-    model = tmp_path / "out" / "model"
-    assert AutoConfig.from_pretrained(model).num_labels == 4  # the four chatterbot topics
-    assert any(model.glob("*.safetensors"))
-    assert any((tmp_path / "out" / "checkpoints").glob("checkpoint-*"))  # AIP_CHECKPOINT_DIR
-
-    # Our adapter finds its job by display name and label.
-    jobs = vertex.client("job")
-    wanted = 'display_name="standin-train-2x" AND labels.llmops-run="r1"'
-    found = jobs.list_custom_jobs(request={"parent": vertex.parent, "filter": wanted})
-    assert [j.name for j in found] == [created.name]
-    assert list(jobs.list_custom_jobs(request={"parent": vertex.parent, "filter": 'labels.llmops-run="other"'})) == []
-    assert created.name in [
-        j.name for j in jobs.list_custom_jobs(request={"parent": vertex.parent, "filter": "state=JOB_STATE_SUCCEEDED"})
-    ]
-
-
 def test_a_failing_job_fails_with_the_runtime_reason_first(vertex, dataset_uri, tmp_path):
     created = create(vertex, custom_job("standin-train-bad", tmp_path, dataset_uri, json.dumps({"max_steps": "many"})))
     done, _ = follow(vertex, created.name, timeout=120)

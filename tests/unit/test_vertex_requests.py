@@ -71,6 +71,7 @@ def test_model_upload_per_source_and_autoscaling_from_the_plan() -> None:
     registry = R.model_upload("chat", "v3", "models:/chat/3", settings=SETTINGS)
     env = {e["name"]: e["value"] for e in registry["container_spec"]["env"]}
     assert env["LLMOPS_MODEL_URI"] == "models:/chat/3" and "artifact_uri" not in registry
+    assert env["LLMOPS_REQUEST_LOG_SHIP_URI"] == "gs://bucket/llmops/endpoints/chat/requests"  # drift reads it there
     assert (
         registry["labels"]["llmops-source"]
         != R.model_upload("chat", "v3", "models:/chat/4", settings=SETTINGS)["labels"]["llmops-source"]

@@ -176,6 +176,8 @@ def model_upload(endpoint: str, variant: str, model_uri: str, *, settings: Verte
             f"model_uri {model_uri!r}: Vertex serves models from Cloud Storage (gs://...) or from the MLflow registry "
             "(models:/name/version); a local folder cannot reach an endpoint"
         )
+    if settings.staging_uri:  # the server ships its request log there on rotation: drift reads it from any cloud
+        env["LLMOPS_REQUEST_LOG_SHIP_URI"] = settings.path("endpoints", endpoint, "requests")
     return {
         "display_name": f"{endpoint}-{variant}"[:128],
         "labels": labels(
