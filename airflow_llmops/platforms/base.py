@@ -11,12 +11,13 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from typing_extensions import Self
 
 from airflow_llmops.specs import RolloutPlan, TrainingSpec
 
+T = TypeVar("T")
 PlatformName = Literal["local", "sagemaker", "vertex", "azureml"]
 PLATFORM_NAMES: tuple[str, ...] = ("local", "sagemaker", "vertex", "azureml")
 
@@ -251,6 +252,16 @@ class GuardedDeploymentPlatform(Protocol):
     def start_guarded_deployment(self, handle: EndpointHandle, *, variant: str, plan: RolloutPlan) -> None: ...
 
     def guarded_deployment_state(self, handle: EndpointHandle, *, variant: str) -> tuple[str, str]: ...
+
+
+def settings_from(cls: type[T], options: Mapping[str, Any], *, platform: str, error: type[ValueError]) -> T:
+    """An adapter's settings dataclass from its JSON keyword arguments; unknown names are refused by name (a typo
+    in ``platform_options`` must not be ignored)."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise error(f"unknown {platform} platform options {unknown}; use some of {sorted(known)}")
+    return cls(**options)
 
 
 _UNSAFE = re.compile(r"[^a-z0-9-]+")

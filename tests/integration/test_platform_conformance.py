@@ -32,6 +32,20 @@ from airflow_llmops.specs import RolloutPlan, TrainingSpec
 pytestmark = pytest.mark.integration
 
 
+def tiny_spec(dataset: str, /, **overrides: Any) -> TrainingSpec:
+    """A few steps of training with checkpoints on the way: every platform's job runs the same small work."""
+    base = {
+        "dataset_uri": dataset,
+        "max_steps": 6,
+        "per_device_batch_size": 8,
+        "max_seq_length": 32,
+        "checkpoint_every_steps": 3,
+        "log_every_steps": 2,
+        "distributed": {"nproc_per_node": 1},
+    }
+    return TrainingSpec.parse({**base, **overrides})
+
+
 @dataclass
 class Case:
     """One platform under test: how to build its adapter and drive it."""
@@ -48,16 +62,7 @@ def _local_case(dataset: Path) -> Case:
     from test_serving_models import build_classifier
 
     def spec(**overrides: Any) -> TrainingSpec:
-        base = {
-            "dataset_uri": str(dataset),
-            "max_steps": 6,
-            "per_device_batch_size": 8,
-            "max_seq_length": 32,
-            "checkpoint_every_steps": 3,
-            "log_every_steps": 2,
-            "distributed": {"nproc_per_node": 1},
-        }
-        return TrainingSpec.parse({**base, **overrides})
+        return tiny_spec(str(dataset), **overrides)
 
     def send(handle: EndpointHandle, n: int) -> list[int]:
         with httpx.Client(base_url=str(handle.url), timeout=30, trust_env=False) as client:
@@ -97,18 +102,9 @@ def _sagemaker_case(dataset: Path, standin: Any) -> Case:
     }
 
     def spec(**overrides: Any) -> TrainingSpec:
-        base = {
-            "dataset_uri": data_uri,
-            "max_steps": 6,
-            "per_device_batch_size": 8,
-            "max_seq_length": 32,
-            "checkpoint_every_steps": 3,
-            "log_every_steps": 2,
-            "distributed": {"nproc_per_node": 1},
-        }
         if "dataset_uri" in overrides:  # a local path the suite made up: the same name under the bucket, absent
             overrides["dataset_uri"] = standin.s3_uri(f"data/{Path(str(overrides['dataset_uri'])).name}")
-        return TrainingSpec.parse({**base, **overrides})
+        return tiny_spec(data_uri, **overrides)
 
     def send(handle: EndpointHandle, n: int) -> list[int]:
         return [standin.invoke(handle.endpoint_name, {"inputs": f"do you like pizza {i}?"})[0] for i in range(n)]
@@ -143,16 +139,7 @@ def _vertex_case(dataset: Path, standin: Any) -> Case:
     }
 
     def spec(**overrides: Any) -> TrainingSpec:
-        base = {
-            "dataset_uri": str(dataset),
-            "max_steps": 6,
-            "per_device_batch_size": 8,
-            "max_seq_length": 32,
-            "checkpoint_every_steps": 3,
-            "log_every_steps": 2,
-            "distributed": {"nproc_per_node": 1},
-        }
-        return TrainingSpec.parse({**base, **overrides})
+        return tiny_spec(str(dataset), **overrides)
 
     def send(handle: EndpointHandle, n: int) -> list[int]:
         return [standin.predict(handle.endpoint_name, [{"inputs": f"do you like pizza {i}?"}])[0] for i in range(n)]

@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 from airflow_llmops.platforms.base import (
@@ -25,6 +25,7 @@ from airflow_llmops.platforms.base import (
     PlatformCapabilities,
     RolloutRecord,
     VariantMetrics,
+    settings_from,
     validate_endpoint_name,
     validate_weights,
 )
@@ -58,11 +59,7 @@ class SageMaker:
     )
 
     def __init__(self, **settings: Any) -> None:
-        known = {f.name for f in fields(SageMakerSettings)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise SageMakerConfigError(f"unknown sagemaker platform options {unknown}; use some of {sorted(known)}")
-        self.settings = SageMakerSettings(**settings)
+        self.settings = settings_from(SageMakerSettings, settings, platform="sagemaker", error=SageMakerConfigError)
         self._clients: dict[str, Any] = {}
         self._region: str | None = self.settings.region_name
 

@@ -14,7 +14,6 @@ import contextlib
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any
 
 from airflow_llmops.platforms.base import (
@@ -26,6 +25,7 @@ from airflow_llmops.platforms.base import (
     PlatformCapabilities,
     RolloutRecord,
     VariantMetrics,
+    settings_from,
     validate_endpoint_name,
     validate_weights,
 )
@@ -66,11 +66,7 @@ class Vertex:
     )
 
     def __init__(self, **settings: Any) -> None:
-        known = {f.name for f in fields(VertexSettings)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise VertexConfigError(f"unknown vertex platform options {unknown}; use some of {sorted(known)}")
-        self.settings = VertexSettings(**settings)
+        self.settings = settings_from(VertexSettings, settings, platform="vertex", error=VertexConfigError)
         self._clients: dict[str, Any] = {}
         self._conn: tuple[Any, str, dict[str, Any]] | None = None
 
