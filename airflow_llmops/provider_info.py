@@ -180,6 +180,14 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "gs://my-bucket/llmops/vertex",
                         "default": "",
                     },
+                    "vertex_request_response_logging_uri": {
+                        "description": "BigQuery table (bq://project.dataset.table) that new Vertex AI endpoints "
+                        "log their requests and responses to; empty: off.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "bq://my-project.llmops.request_response",
+                        "default": "",
+                    },
                     "artifact_conn_id": {
                         "description": "Airflow connection used to reach artifact_root when it is remote.",
                         "version_added": "0.1.0",

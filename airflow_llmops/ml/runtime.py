@@ -48,6 +48,8 @@ Vertex AI's contract (a CustomJob replica, detected by ``$CLUSTER_SPEC`` or ``$A
     folder is ``$LLMOPS_WORK_DIR/<pool>-<index>`` (default ``<tmp>/llmops-runtime/<$CLOUD_ML_JOB_ID>/...``). On
     failure the last stderr line is ``[llmops-failure] <reason>`` (no failure file) and the exit code is as above.
     With ``$LLMOPS_RESULT_URI`` set, the chief also writes the outcome there as JSON (:class:`_VertexOutcome`).
+    In a hyperparameter tuning trial (``$LLMOPS_HP_METRIC`` set) the chief reports that metric to Vertex's
+    hypertune file (:mod:`airflow_llmops.ml.hypertune`) as the trial's final measurement.
 
 ``serve``
     as above, with the model from ``$AIP_STORAGE_URI`` when set (a remote folder downloaded first); the server
@@ -79,6 +81,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from airflow_llmops.ml import hypertune
 from airflow_llmops.ml.training.jobdir import CHECKPOINT_PATTERN, STATE_FILE, WEIGHT_FILES, JobDir
 from airflow_llmops.specs.base import SpecValidationError
 from airflow_llmops.specs.training import TrainingSpec
@@ -971,10 +974,21 @@ class _VertexOutcome:
             write_result(self.uri, {"state": "failed", "message": message, "exit_code": code, "log_tail": lines})
         return vertex_failure(message, code)
 
-    def succeeded(self, status: Mapping[str, Any]) -> int:
+    def succeeded(self, status: Mapping[str, Any], env: Mapping[str, str]) -> int:
         if self.uri is not None and self.chief:
             keys = ("metrics", "mlflow_run_id", "resumed_from_step", "world_size", "global_step", "model_uri")
             write_result(self.uri, {"state": "succeeded", **{k: status.get(k) for k in keys}})
+        if self.chief and env.get(hypertune.ENV_METRIC):  # a tuning trial: its final measurement
+            metrics = status.get("metrics") or {}
+            line = hypertune.report(metrics, int(status.get("global_step") or 0), env)
+            if line is None:
+                print(
+                    f"[runtime] the tuned metric {env[hypertune.ENV_METRIC]!r} is not among the training's metrics "
+                    f"{sorted(metrics)}: this trial reports no measurement",
+                    flush=True,
+                )
+            else:
+                print(f"[runtime] hypertune: {line}", flush=True)
         return 0
 
 
@@ -1037,7 +1051,7 @@ def train_vertex(env: Mapping[str, str] | None = None, args: Sequence[str] = ())
     status = _read_status(job)
     if status.get("state") != "succeeded":
         return outcome.failed(f"training exited with code 0 but its status is {status or 'missing'}", 1, child.tail)
-    return outcome.succeeded(status)
+    return outcome.succeeded(status, env)
 
 
 # ---- serve ----------------------------------------------------------------------------------------------------

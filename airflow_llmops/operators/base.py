@@ -252,7 +252,7 @@ def staged_output(target: ObjectStoragePath, *, prefix: str = "llmops-out-") -> 
 #: Settings of a cloud platform that ``[llmops] <platform>_<name>`` may give when an operator does not.
 _CLOUD_DEFAULTS = {
     "sagemaker": ("role_arn", "image_uri", "s3_prefix"),
-    "vertex": ("project", "region", "image_uri", "staging_uri"),
+    "vertex": ("project", "region", "image_uri", "staging_uri", "request_response_logging_uri"),
 }
 _CONN_KEYS = {"sagemaker": "aws_conn_id", "vertex": "gcp_conn_id"}
 

@@ -1,5 +1,5 @@
-"""DriftCheckOperator: one window of an endpoint's traffic (its request log, or SageMaker Data Capture) against the
-training data, and the retrain signal."""
+"""DriftCheckOperator: one window of an endpoint's traffic (its request log, SageMaker Data Capture or Vertex AI
+request-response logging) against the training data, and the retrain signal."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 
 
 _YEAR = re.compile(r"^\d{4}$")
+_NO_LATENCY = {
+    "sagemaker": "SageMaker Data Capture records no latency: skipped (see CloudWatch ModelLatency)",
+    "vertex": "Vertex AI request-response logging records no latency: skipped (see Cloud Monitoring "
+    "prediction_latencies)",
+}
 
 
 def _given(value: Any) -> bool:
@@ -89,11 +94,16 @@ class DriftCheckOperator(LLMOpsBaseOperator):
     :param model_name: names the drift Asset ``x-llmops://<model_name>/drift``.
     :param reference_uri: prepared dataset folder (``manifest.json``, ``train.parquet``; templated).
     :param request_log_uri: folder of the endpoint's ``requests-*.jsonl`` files (templated).
-    :param capture_uri: instead of a request log, SageMaker Data Capture (templated): the folder of one endpoint
+    :param capture_uri: instead of a request log, the platform's own record of the traffic (templated). SageMaker
+        Data Capture: the folder of one endpoint
         (``<DestinationS3Uri>/<endpoint>``, all its variants) or of one variant (``.../<endpoint>/<variant>``), on
         ``s3://`` (read through the artifact connection) or local. Only the hour folders of the window are staged
         (:mod:`airflow_llmops.ml.drift.capture`). Data Capture records no latency, so the latency check is skipped;
-        the cooldown state defaults to ``<artifact_root>/drift-state.json``.
+        the cooldown state defaults to ``<artifact_root>/drift-state.json``. Vertex AI request-response logging:
+        the folder its BigQuery table was exported to as JSON (:mod:`airflow_llmops.ml.drift.vertex_log`), also
+        without latency.
+    :param capture_format: ``sagemaker``, ``vertex`` or ``auto`` (templated; default): a folder with sub-folders
+        is Data Capture, flat JSON files are read by their first line.
     :param endpoint_name: a local endpoint whose log to read when ``request_log_uri`` is not given (templated):
         ``<[llmops] local_endpoints_root>/<endpoint_name>/requests``.
     :param policy: :class:`DriftPolicy`, a mapping or JSON of one (templated).
@@ -113,6 +123,7 @@ class DriftCheckOperator(LLMOpsBaseOperator):
         "reference_uri",
         "request_log_uri",
         "capture_uri",
+        "capture_format",
         "endpoint_name",
         "policy",
         "window_end",
@@ -130,6 +141,7 @@ class DriftCheckOperator(LLMOpsBaseOperator):
         reference_uri: str,
         request_log_uri: str | None = None,
         capture_uri: str | None = None,
+        capture_format: str = "auto",
         endpoint_name: str | None = None,
         policy: DriftPolicy | Mapping[str, Any] | str | None = None,
         window_end: Any = None,
@@ -147,6 +159,8 @@ class DriftCheckOperator(LLMOpsBaseOperator):
         self.reference_uri = reference_uri
         self.request_log_uri = request_log_uri
         self.capture_uri = capture_uri
+        self.capture_format = capture_format
+        self._format = "sagemaker"
         self.endpoint_name = endpoint_name
         self.policy = policy
         self.window_end = window_end
@@ -213,14 +227,28 @@ class DriftCheckOperator(LLMOpsBaseOperator):
         from airflow_llmops.ml.drift.capture import SUFFIX, hour_prefixes
 
         uri = str(self.capture_uri).rstrip("/")
+        fmt = str(self.capture_format or "auto").lower()
+        if fmt not in ("auto", "sagemaker", "vertex"):
+            raise AirflowFailException(f"{self.task_id}: capture_format is auto, sagemaker or vertex, not {fmt!r}")
         if not is_remote(uri):
-            return read_capture_window(stage_in(uri), start, end)
+            local = stage_in(uri)
+            if fmt == "auto":
+                from airflow_llmops.ml.drift.vertex_log import detect_format
+
+                fmt = detect_format(local)
+            self._format = fmt
+            return self._read_vertex(local, start, end) if fmt == "vertex" else read_capture_window(local, start, end)
         conn = self.artifact_connection()
         root = as_storage_path(uri, conn)
         try:
             children = [child for child in root.iterdir() if child.is_dir()]
         except FileNotFoundError:
             children = []
+        if fmt == "auto":  # Data Capture is always in folders; an export of the logging table is flat files
+            fmt = "sagemaker" if children else "vertex"
+        self._format = fmt
+        if fmt == "vertex":
+            return self._read_vertex(stage_in(uri, conn), start, end)
         if any(_YEAR.match(child.name) for child in children):  # a variant's folder: yyyy/mm/dd/hh below it
             variants = {root.name: uri}
         else:
@@ -246,6 +274,13 @@ class DriftCheckOperator(LLMOpsBaseOperator):
             uri,
         )
         return read_capture_window(local, start, end)
+
+    def _read_vertex(self, folder: Path, start: float, end: float) -> CaptureWindow:
+        from airflow_llmops.ml.drift import read_vertex_log_window
+
+        window = read_vertex_log_window(folder, start, end)
+        self.log.info("Vertex AI request-response log: %d file(s) read from %s", window.files_read, self.capture_uri)
+        return window
 
     def _window_end(self, context: Context) -> float:
         end = _timestamp(self.window_end)
@@ -332,12 +367,12 @@ class DriftCheckOperator(LLMOpsBaseOperator):
                 report_dir=work / "report",
             )
             if capture and "latency" in result.checks:
-                result.checks["latency"] = CheckResult(
-                    drift=None, note="SageMaker Data Capture records no latency: skipped (see CloudWatch ModelLatency)"
-                )
+                result.checks["latency"] = CheckResult(drift=None, note=_NO_LATENCY[self._format])
             summary = self._summary(result, policy, reference.content_hash, baseline_uri)
             if capture:
-                summary.update(request_log_uri=None, capture_uri=display_uri(str(self.capture_uri)))
+                summary.update(
+                    request_log_uri=None, capture_uri=display_uri(str(self.capture_uri)), capture_format=self._format
+                )
                 summary["capture_files"] = window.files_read
             (work / "report" / "drift.json").parent.mkdir(parents=True, exist_ok=True)
             (work / "report" / "drift.json").write_text(json.dumps(summary, indent=1, default=str))

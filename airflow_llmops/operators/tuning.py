@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 _XCOM_TRIALS = 50  # the full trial list is in result.json and MLflow; XCom keeps the first ones
+_CLOUD = ("sagemaker", "vertex")
+_NAME_MAX = {"sagemaker": 32, "vertex": 128}  # the tuning job's name (SageMaker) or display name (Vertex)
+_TITLE = {"sagemaker": "SageMaker", "vertex": "Vertex AI"}
 
 
 class TuneHyperparametersOperator(LLMOpsBaseOperator):
@@ -40,6 +43,10 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
     SageMaker hyperparameter tuning job: one training job per trial (the runtime applies each trial's values to the
     spec), the metric read from each trial's log, ``sampler="tpe"`` as SageMaker's Bayesian strategy and the median
     pruner as its automatic early stopping; a retry re-attaches to the job by name, killing the task stops it.
+    On ``vertex`` it is a Vertex AI hyperparameter tuning job: each trial a custom job of the training (its values
+    passed as ``--name=value`` and applied by the runtime, the metric reported through Vertex's hypertune file), the
+    TPE sampler as Vertex's default algorithm and ``random`` as random search; the best trial's model is under
+    ``best_model_uri``. A retry finds the job by display name and label.
 
     :param spec: :class:`~airflow_llmops.specs.TuningSpec` (or a mapping / JSON of one; templated).
     :param dataset_uri: prepared dataset folder, overriding ``spec.training.dataset_uri`` (templated).
@@ -104,11 +111,11 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         platform = self.check_platform()
-        if platform == "sagemaker":
-            return self._execute_sagemaker(context)
+        if platform in _CLOUD:
+            return self._execute_cloud(context, platform)
         if platform != "local":
             raise AirflowFailException(
-                f"{self.task_id}: tuning runs on the local and sagemaker platforms, not {self.platform!r}"
+                f"{self.task_id}: tuning runs on the local, {' and '.join(_CLOUD)} platforms, not {self.platform!r}"
             )
         spec = self.tuning_spec()
         job_name = self.job_name(context)
@@ -142,7 +149,10 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
             "job_name": job_name,
         }
 
-    def _execute_sagemaker(self, context: Context) -> dict[str, Any]:
+    def _execute_cloud(self, context: Context, name: str) -> dict[str, Any]:
+        """A SageMaker or Vertex AI tuning job: submitted (or found again on a retry), watched, its best trial
+        handed on. ``spec.timeout_s`` on Vertex (which has no study deadline): the job is cancelled when it passes
+        and the best trial so far is taken."""
         import time
 
         from airflow_llmops.platforms import get_platform, job_name_for
@@ -150,21 +160,23 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
         spec = self._parsed_spec()
         tracking = self.mlflow_tracking_uri if self.mlflow_tracking_uri is not None else default_mlflow_tracking_uri()
         kwargs = cloud_platform_kwargs(
-            "sagemaker",
+            name,
             self.platform_conn_id,
             self.platform_options,
             env={"MLFLOW_TRACKING_URI": tracking} if tracking else None,
         )
-        job_name = job_name_for(context["dag"].dag_id, context["run_id"], self.task_id, max_length=32)
+        job_name = job_name_for(context["dag"].dag_id, context["run_id"], self.task_id, max_length=_NAME_MAX[name])
         try:
-            platform = get_platform("sagemaker", **kwargs)
+            platform = get_platform(name, **kwargs)
             started = platform.submit_tuning(spec, job_name=job_name)
-        except ValueError as err:  # a setting or a search space SageMaker refuses, before any job starts
+        except ValueError as err:  # a setting or a search space the cloud refuses, before any job starts
             raise AirflowFailException(f"{self.task_id}: {err}") from None
         self._cloud = (platform, job_name)
-        self.log.info("SageMaker tuning job %s: %s", job_name, started["console_url"])
+        self.log.info("%s tuning job %s: %s", _TITLE[name], job_name, started["console_url"])
         CloudConsoleLink().persist(context, started["console_url"])
         last = None
+        deadline = time.monotonic() + spec.timeout_s if spec.timeout_s and name == "vertex" else None
+        timed_out = False
         while True:
             status = platform.tuning_status(job_name)
             line = (status.get("counters"), (status.get("best") or {}).get("value"))
@@ -173,14 +185,21 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
                 last = line
             if status["state"] in ("succeeded", "failed", "cancelled"):
                 break
+            if deadline is not None and not timed_out and time.monotonic() > deadline:
+                self.log.warning(
+                    "%s: timeout_s=%s passed: cancelling, keeping the best trial so far", job_name, spec.timeout_s
+                )
+                platform.stop_tuning(job_name)
+                timed_out = True
             time.sleep(self.poll_interval)
         best = status.get("best")
-        if status["state"] != "succeeded" or not best or best.get("value") is None:
+        done = status["state"] == "succeeded" or (timed_out and status["state"] == "cancelled")
+        if not done or not best or best.get("value") is None:
             raise AirflowException(f"tuning job {job_name} {status['state']}: {status['message']} (best: {best})")
         params = _typed_params(spec, best["params"])
         trials = platform.tuning_trials(job_name)
         self.log.info("Best %s %.4g with %s", spec.metric, float(best["value"]), params)
-        return {
+        out = {
             "metric": spec.metric,
             "direction": spec.resolved_direction,
             "best_value": float(best["value"]),
@@ -191,6 +210,11 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
             "job_name": job_name,
             "console_url": started["console_url"],
         }
+        if best.get("model_uri"):
+            out["best_model_uri"] = best["model_uri"]
+        if timed_out:
+            out["stopped_at_timeout"] = True
+        return out
 
     def _stream(self, argv: list[str], env: dict[str, str]) -> int:
         """Run the study, copying its output into the task log line by line."""
@@ -215,7 +239,7 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
     def on_kill(self) -> None:
         if self._cloud is not None:
             platform, job_name = self._cloud
-            self.log.info("Stopping SageMaker tuning job %s", job_name)
+            self.log.info("Stopping the %s tuning job %s", platform.name, job_name)
             platform.stop_tuning(job_name)
             return
         # poll(), not the record, says whether it runs: it reaps the study for execute()'s wait() to see its code.
@@ -240,6 +264,8 @@ def _typed_params(spec: TuningSpec, values: Mapping[str, Any]) -> dict[str, Any]
             out[name] = int(float(raw))
         elif rng.type == "float":
             out[name] = float(raw)
+        elif isinstance(raw, int | float) and not isinstance(raw, bool):  # Vertex: numeric choices come as floats
+            out[name] = next((c for c in rng.choices or [] if not isinstance(c, str | bool) and c == raw), raw)
         else:
             choices = {json.dumps(c) if not isinstance(c, str) else c: c for c in rng.choices or []}
             out[name] = choices.get(str(raw), raw)

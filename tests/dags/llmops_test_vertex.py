@@ -1,5 +1,6 @@
-"""A DAG the Vertex AI tests run with dag.test(): deploy a registered version on the stand-in's endpoint and walk
-its canary through the endpoint's traffic split."""
+"""DAGs the Vertex AI tests run with dag.test(): deploy a registered version on the stand-in's endpoint and walk
+its canary through the endpoint's traffic split; a hyperparameter tuning job; a drift check on the endpoint's
+shipped request log or its exported request-response log."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from datetime import datetime
 
 from airflow.sdk import DAG, Param
 
-from airflow_llmops.operators import DeployModelOperator, RolloutOperator
+from airflow_llmops.operators import DeployModelOperator, RolloutOperator, TuneHyperparametersOperator
+from airflow_llmops.operators.drift import DriftCheckOperator
 
 with DAG(
     "llmops_test_vertex",
@@ -40,3 +42,72 @@ with DAG(
         task_id="rollout", rollout="{{ ti.xcom_pull(task_ids='deploy') }}", poll_interval=1, max_wait_s=60
     )
     deploy >> rollout
+
+with DAG(
+    "llmops_test_vertex_tune",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    render_template_as_native_obj=True,
+    default_args={"retries": 0, "owner": "llmops"},
+    params={
+        "dataset_uri": Param("", type="string"),
+        "staging_uri": Param("", type="string"),
+        "n_trials": Param(2, type="integer"),
+    },
+) as tune_dag:
+    TuneHyperparametersOperator(
+        task_id="tune",
+        platform="vertex",
+        platform_conn_id="google_cloud_default",
+        platform_options={
+            "staging_uri": "{{ params.staging_uri }}",
+            "image_uri": "us-docker.pkg.dev/llmops-standin/llmops/runtime:test",
+            "machine_type": "n1-standard-4",
+        },
+        poll_interval=1,
+        dataset_uri="{{ params.dataset_uri }}",
+        mlflow_tracking_uri="",
+        spec={
+            "training": {
+                "max_steps": 4,
+                "per_device_batch_size": 8,
+                "max_seq_length": 32,
+                "log_every_steps": 2,
+                "checkpoint_every_steps": 1000,
+                "distributed": {"nproc_per_node": 1},
+            },
+            "search_space": {
+                "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+                "warmup_ratio": {"type": "categorical", "choices": [0.0, 0.1]},
+            },
+            "n_trials": "{{ params.n_trials }}",
+            "metric": "eval_accuracy",
+        },
+    )
+
+with DAG(
+    "llmops_test_vertex_drift",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    render_template_as_native_obj=True,
+    default_args={"retries": 0, "owner": "llmops"},
+    params={
+        "reference_uri": Param("", type="string"),
+        "request_log_uri": Param("", type="string"),
+        "capture_uri": Param("", type="string"),
+        "window_end": Param(None, type=["null", "number", "string"]),
+        "artifact_root": Param("", type="string"),
+        "policy": Param({}, type="object"),
+    },
+) as drift_dag:
+    DriftCheckOperator(
+        task_id="drift",
+        model_name="chatterbot-topics-classifier",
+        reference_uri="{{ params.reference_uri }}",
+        request_log_uri="{{ params.request_log_uri }}",
+        capture_uri="{{ params.capture_uri }}",
+        window_end="{{ params.window_end }}",
+        policy="{{ params.policy }}",
+        artifact_root="{{ params.artifact_root }}",
+        mlflow_tracking_uri="",
+    )

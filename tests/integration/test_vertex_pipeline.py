@@ -100,6 +100,7 @@ def test_llmops_vertex_end_to_end(
         "VERTEX_REGION": gcp.location,
         "VERTEX_IMAGE_URI": "us-docker.pkg.dev/llmops-standin/llmops/runtime:test",
         "VERTEX_STAGING_URI": staging,
+        "VERTEX_REQUEST_RESPONSE_LOGGING_URI": "bq://llmops-standin.llmops.request_response",
     }.items():
         monkeypatch.setenv(f"AIRFLOW__LLMOPS__{key}", value)
 
@@ -170,3 +171,59 @@ def test_llmops_vertex_end_to_end(
     assert record.variant == v3 and record.state == "rolled_back" and "error rate" in record.message, record
     assert platform.get_traffic(handle) == {v2: 100.0}
     assert [v["name"] for v in platform.describe_endpoint(handle)["variants"]] == [v2]
+
+    # -- drift on what the endpoint saw: the servers' request logs shipped to the staging folder (the undeployed
+    # versions shipped their last file on the way out), then Vertex's own request-response log exported from BigQuery
+    shipped = gcp.root / "staging" / "endpoints" / ENDPOINT / "requests"
+    assert sorted(shipped.glob("requests-*.jsonl")), list(shipped.parent.rglob("*"))
+    reference = run.get_task_instance("validate").xcom_pull(task_ids="validate")["dataset_uri"]
+    drift_dag = load_dag("llmops_test_vertex_drift", folder="tests/dags", module="llmops_test_vertex", attr="drift_dag")
+    policy = {"window_minutes": 60, "min_rows": 20, "checks": ["text_descriptors", "prediction"]}
+    common = {"reference_uri": reference, "window_end": time.time() + 60, "policy": policy}
+    on_log = drift_dag.test(
+        run_conf={**common, "request_log_uri": shipped.as_uri(), "artifact_root": (gcp.root / "drift1").as_uri()}
+    ).get_task_instance("drift")
+    assert on_log.state == "success"
+    out = on_log.xcom_pull(task_ids="drift")
+    assert out["rows"] >= 20 and out["verdict"] in ("drift", "no_drift"), out  # judged, not "too_few_rows"
+    exported = gcp.export_request_response_log(ENDPOINT, gcp.root / "bq-export")
+    # A fresh DAG object: dag.test() keeps the first run's conf in the params of the one it ran.
+    drift_dag = load_dag("llmops_test_vertex_drift", folder="tests/dags", module="llmops_test_vertex", attr="drift_dag")
+    on_vertex = drift_dag.test(
+        run_conf={**common, "capture_uri": exported.parent.as_uri(), "artifact_root": (gcp.root / "drift2").as_uri()}
+    ).get_task_instance("drift")
+    assert on_vertex.state == "success"
+    logged = on_vertex.xcom_pull(task_ids="drift")
+    assert logged["capture_format"] == "vertex" and logged["rows"] >= 20, logged
+    assert logged["verdict"] in ("drift", "no_drift"), logged
+
+
+def test_tuning_on_vertex_hands_on_the_best_trial(gcp: Any, airflow_db: Path, tmp_path: Path) -> None:
+    from conftest import prepare_chatterbot
+    from dags_under_test import load_dag
+
+    dataset = prepare_chatterbot(tmp_path / "data", topics="ai,food,greetings,money")
+    staging = (tmp_path / "staging").as_uri()
+    dag = load_dag("llmops_test_vertex_tune", folder="tests/dags", module="llmops_test_vertex", attr="tune_dag")
+    run = dag.test(run_conf={"dataset_uri": str(dataset), "staging_uri": staging, "n_trials": 2})
+    ti = run.get_task_instance("tune")
+    assert ti.state == "success", gcp.errors
+    out = ti.xcom_pull(task_ids="tune")
+    job = gcp.client("job").get_hyperparameter_tuning_job(
+        name=f"{gcp.parent}/hyperparameterTuningJobs/{gcp.tuning_job_id(out['job_name'])}"
+    )
+    assert job.state.name == "JOB_STATE_SUCCEEDED" and len(job.trials) == 2
+    values = [t["value"] for t in out["trials"]]
+    assert len(values) == 2 and out["best_value"] == max(v for v in values if v is not None)
+    best = out["best_params"]
+    assert 1e-5 <= best["learning_rate"] <= 1e-3 and best["warmup_ratio"] in (0.0, 0.1)
+    assert out["best_training_spec"]["learning_rate"] == best["learning_rate"]
+    assert out["best_training_spec"]["dataset_uri"] == str(dataset)
+    # The best trial's container trained with its values (the runtime applied the --name=value arguments) and
+    # its model is under <base_output_directory>/<trial id>/model.
+    trial = next(t for t in out["trials"] if t["training_job"] == out["best_training_job"])
+    used = [json.loads(p.read_text()) for p in gcp.replica_folder(trial["training_job"]).rglob("spec.json")]
+    assert used and used[0]["learning_rate"] == pytest.approx(best["learning_rate"]), used
+    assert used[0]["warmup_ratio"] == best["warmup_ratio"]
+    model = Path(out["best_model_uri"].removeprefix("file://"))
+    assert model.parent.name == trial["trial"] and (model / "config.json").is_file(), model

@@ -44,7 +44,10 @@ parameters are checked against the request message the same way.
   ``resource_container`` = project, ``location``, ``endpoint_id``): ``prediction/online/prediction_count`` and
   ``response_count`` (INT64 DELTA, 1 per prediction, metric labels ``deployed_model_id``, ``response_code``),
   ``error_count`` (non-2xx only, label ``deployed_model_id``) and ``prediction_latencies`` (DISTRIBUTION DELTA in
-  ms, labels ``deployed_model_id``, ``latency_type`` = ``model`` / ``overhead`` / ``total``).
+  ms, labels ``deployed_model_id``, ``latency_type`` = ``model`` / ``overhead`` / ``total``). An endpoint created
+  with ``predict_request_response_logging_config`` enabled logs each answered prediction (sampled at its rate) as
+  a row of the BigQuery table's schema; :meth:`VertexStandIn.export_request_response_log` writes the rows as
+  BigQuery's JSON export of the table to Cloud Storage would.
 * ListTimeSeries honours ``name`` (``projects/<project>``), ``filter`` (``=`` / ``!=`` terms joined by AND on
   ``metric.type`` (exactly one ``=``, required), ``resource.type``, ``metric.label(s).X``,
   ``resource.label(s).X``), ``interval`` (a point counts when its end time is in (start, end]), ``view`` and paging.
@@ -55,8 +58,18 @@ parameters are checked against the request message the same way.
   merged), REDUCE_MEAN, REDUCE_MIN, REDUCE_MAX, REDUCE_COUNT with ``group_by_fields``. Anything else is
   INVALID_ARGUMENT.
 
-Not emulated: other services and methods (rawPredict, streaming, batch prediction, pipelines, hyperparameter
-tuning jobs, model versions/``parent_model``, MutateDeployedModel, ``:update`` long-running endpoint updates,
+* Hyperparameter tuning jobs (``hyperparameterTuningJobs``: create, get, list with a filter, cancel): each trial
+  is a custom job of ``trial_job_spec`` (run as above) with the trial's values appended to the containers' args as
+  ``--<parameter_id>=<value>``, ``CLOUD_ML_TRIAL_ID`` set and its outputs under ``<base_output_directory>/<trial
+  id>/``; ``parallel_trial_count`` run at once up to ``max_trial_count``. Values are drawn at random within each
+  range (log ranges on a log scale; no Bayesian optimizer, whatever the algorithm). A trial's measurement is the
+  last line of the study's metric in its primary replica's hypertune file (``CLOUD_ML_HP_METRIC_FILE``, as
+  ``cloudml-hypertune`` writes it): SUCCEEDED with ``final_measurement``; a failed job or no reported value is
+  INFEASIBLE with ``infeasible_reason``. The job SUCCEEDS when every trial ended and one succeeded, FAILS when all
+  failed or ``max_failed_trial_count`` is reached; cancel cancels the running trials' jobs. No automated stopping.
+
+Not emulated: other services and methods (rawPredict, streaming, batch prediction, pipelines, model
+versions/``parent_model``, MutateDeployedModel, ``:update`` long-running endpoint updates,
 operation cancel/list), ``python_package_spec``, ``container_spec.command`` (the stand-in's commands stand for the
 image), replica counts of deployed models (one server per deployed model; autoscaling specs are checked and stored),
 GCS (``gs://`` URIs are passed to the containers as given; tests use ``file://``), IAM and authentication (any
@@ -335,6 +348,18 @@ class _Run:
 
 
 @dataclass
+class _Study:
+    """A hyperparameter tuning job: the resource GET shows, and the custom job of each trial."""
+
+    id: str
+    job: Any  # aiplatform_v1.HyperparameterTuningJob
+    random: random.Random
+    runs: dict[str, str] = field(default_factory=dict)  # trial id -> custom job id
+    cancel: bool = False
+    done: bool = False
+
+
+@dataclass
 class _Operation:
     name: str
     metadata: Any  # a proto-plus message
@@ -462,12 +487,14 @@ class VertexStandIn:
         self._lock = threading.RLock()
         self._advance_lock = threading.Lock()
         self._runs: dict[str, _Run] = {}
+        self._studies: dict[str, _Study] = {}
         self._models: dict[str, Any] = {}
         self._endpoints: dict[str, _EndpointState] = {}
         self._operations: dict[str, _Operation] = {}
         self._changes: list[_Change] = []
         self._reaping: list[tuple[subprocess.Popen[bytes], dict[int, Any], float]] = []
         self._predictions: list[_Prediction] = []
+        self._logged: list[dict[str, Any]] = []  # request-response logging rows (the BigQuery table's schema)
         self._faults: dict[tuple[str, str], _Fault] = {}
         self._clients: dict[str, Any] = {}
         self._http: ThreadingHTTPServer | None = None
@@ -749,10 +776,13 @@ class VertexStandIn:
         with self._advance_lock:
             with self._lock:
                 runs = [run for run in self._runs.values() if not run.done]
+                studies = [study for study in self._studies.values() if not study.done]
                 ops = [op for op in self._operations.values() if not op.done and op.finish is not None]
                 changes = list(self._changes)
             for run in runs:
                 self._guard(f"custom job {run.id}", self._advance_job, run)
+            for study in studies:
+                self._guard(f"tuning job {study.id}", self._advance_study, study)
             for op in ops:
                 if time.monotonic() >= op.due:
                     self._guard(f"operation {op.name}", self._complete, op)
@@ -910,6 +940,8 @@ class VertexStandIn:
                     "LLMOPS_MASTER_ADDR": "127.0.0.1",
                     "LLMOPS_MASTER_PORT": str(port),
                     "LLMOPS_WORK_DIR": str(replica.folder),  # the runtime's local folder: this "VM's disk"
+                    # hypertune's file (/tmp/hypertune/output.metrics in a container): on this "VM's disk"
+                    "CLOUD_ML_HP_METRIC_FILE": str(replica.folder / "hypertune" / "output.metrics"),
                 }
                 if base:
                     vertex["AIP_MODEL_DIR"] = _join_uri(base, "model")
@@ -1185,6 +1217,15 @@ class VertexStandIn:
             ("GET", r"customJobs/([^/:]+)", self._get_custom_job, "GetCustomJobRequest"),
             ("DELETE", r"customJobs/([^/:]+)", self._delete_custom_job, "DeleteCustomJobRequest"),
             ("POST", r"customJobs/([^/:]+):cancel", self._cancel_custom_job, "CancelCustomJobRequest"),
+            ("POST", r"hyperparameterTuningJobs", self._create_tuning_job, "CreateHyperparameterTuningJobRequest"),
+            ("GET", r"hyperparameterTuningJobs", self._list_tuning_jobs, "ListHyperparameterTuningJobsRequest"),
+            ("GET", r"hyperparameterTuningJobs/([^/:]+)", self._get_tuning_job, "GetHyperparameterTuningJobRequest"),
+            (
+                "POST",
+                r"hyperparameterTuningJobs/([^/:]+):cancel",
+                self._cancel_tuning_job,
+                "CancelHyperparameterTuningJobRequest",
+            ),
             ("POST", r"models:upload", self._upload_model, "UploadModelRequest"),
             ("GET", r"models", self._list_models, "ListModelsRequest"),
             ("GET", r"models/([^/:]+)", self._get_model, "GetModelRequest"),
@@ -1283,6 +1324,278 @@ class VertexStandIn:
 
         with self._lock:
             return [r for r in resources if _matches(terms, value_of(r))]
+
+    # -- hyperparameter tuning jobs -------------------------------------------------------------------------------
+    def _study(self, job_id: str) -> _Study:
+        with self._lock:
+            study = self._studies.get(job_id)
+        if study is None:
+            raise ApiError(
+                "NOT_FOUND",
+                f"The HyperparameterTuningJob {self.parent}/hyperparameterTuningJobs/{job_id} is not found.",
+            )
+        return study
+
+    def _check_tuning_job(self, job: Any) -> None:
+        from google.cloud import aiplatform_v1
+
+        errors: list[tuple[str, str]] = []
+        path = "hyperparameter_tuning_job"
+        if not job.display_name:
+            errors.append((f"{path}.display_name", "Required field is not set."))
+        if job.max_trial_count < 1:
+            errors.append((f"{path}.max_trial_count", "must be positive"))
+        if job.parallel_trial_count < 1:
+            errors.append((f"{path}.parallel_trial_count", "must be positive"))
+        study = job.study_spec
+        if len(study.metrics) != 1:
+            errors.append((f"{path}.study_spec.metrics", "the stand-in emulates exactly one metric"))
+        for i, metric in enumerate(study.metrics):
+            if not metric.metric_id or metric.goal == 0:
+                errors.append((f"{path}.study_spec.metrics[{i}]", "metric_id and goal are required"))
+        if not study.parameters:
+            errors.append((f"{path}.study_spec.parameters", "Required field is not set."))
+        ids = [p.parameter_id for p in study.parameters]
+        if len(set(ids)) != len(ids) or not all(ids):
+            errors.append((f"{path}.study_spec.parameters", "parameter_id must be set and unique"))
+        for i, param in enumerate(study.parameters):
+            where = f"{path}.study_spec.parameters[{i}]"
+            kinds = [
+                k
+                for k in ("double_value_spec", "integer_value_spec", "categorical_value_spec", "discrete_value_spec")
+                if k in param
+            ]
+            if len(kinds) != 1:
+                errors.append((where, f"exactly one parameter_value_spec must be set, got {kinds}"))
+                continue
+            kind = kinds[0]
+            value = getattr(param, kind)
+            if kind in ("double_value_spec", "integer_value_spec"):
+                if value.min_value > value.max_value:
+                    errors.append((f"{where}.{kind}", "min_value must not exceed max_value"))
+                scale = aiplatform_v1.StudySpec.ParameterSpec.ScaleType(param.scale_type).name
+                if scale == "UNIT_LOG_SCALE" and value.min_value <= 0:
+                    errors.append((f"{where}.{kind}", "a log scale needs min_value > 0"))
+            elif not value.values:
+                errors.append((f"{where}.{kind}.values", "Required field is not set."))
+        trial_job = aiplatform_v1.CustomJob(display_name=job.display_name or "trial", job_spec=job.trial_job_spec)
+        try:
+            self._check_custom_job(trial_job)
+        except ApiError as err:
+            errors.append((f"{path}.trial_job_spec", err.message))
+        errors += _check_labels(job.labels, f"{path}.labels")
+        _invalid(errors)
+
+    def _create_tuning_job(self, *, query: Any, body: bytes, ints: bool) -> tuple[int, Any, dict[str, str]]:
+        from google.cloud import aiplatform_v1
+
+        job = _parse_message(aiplatform_v1.HyperparameterTuningJob, body, "HyperparameterTuningJob")
+        self._check_tuning_job(job)
+        pb = aiplatform_v1.HyperparameterTuningJob.pb(job)
+        for name in ("name", "state", "create_time", "start_time", "end_time", "update_time", "error", "trials"):
+            pb.ClearField(name)
+        with self._lock:
+            jid = self._new_id()
+            job.name = f"{self.parent}/hyperparameterTuningJobs/{jid}"
+            job.state = aiplatform_v1.JobState.JOB_STATE_PENDING
+            job.create_time = job.update_time = _now()
+            self._studies[jid] = _Study(id=jid, job=job, random=random.Random(int(jid)))
+            return 200, _to_json(job, ints), {}
+
+    def _get_tuning_job(self, job_id: str, *, query: Any, body: bytes, ints: bool) -> tuple[int, Any, dict[str, str]]:
+        study = self._study(job_id)
+        with self._lock:
+            return 200, _to_json(study.job, ints), {}
+
+    def _list_tuning_jobs(self, *, query: Any, body: bytes, ints: bool) -> tuple[int, Any, dict[str, str]]:
+        with self._lock:
+            jobs = [study.job for study in self._studies.values()]
+        listed = self._listed(jobs, query, {"state": "state"})
+        return 200, self._page(listed, query, "hyperparameterTuningJobs", ints), {}
+
+    def _cancel_tuning_job(
+        self, job_id: str, *, query: Any, body: bytes, ints: bool
+    ) -> tuple[int, Any, dict[str, str]]:
+        from google.cloud import aiplatform_v1
+
+        _parse_message(aiplatform_v1.CancelHyperparameterTuningJobRequest, body, "CancelHyperparameterTuningJobRequest")
+        study = self._study(job_id)
+        with self._lock:
+            state = aiplatform_v1.JobState(study.job.state).name
+            if state not in ("JOB_STATE_PENDING", "JOB_STATE_QUEUED", "JOB_STATE_RUNNING"):
+                raise ApiError(
+                    "FAILED_PRECONDITION",
+                    f"Cannot cancel the HyperparameterTuningJob {study.job.name}: it is in state {state}.",
+                )
+            study.cancel = True
+            self._set_study_state(study, "JOB_STATE_CANCELLING")
+        return 200, {}, {}
+
+    def _set_study_state(self, study: _Study, state: str, error: tuple[int, str] | None = None) -> None:
+        """(Caller holds the lock.)"""
+        from google.cloud import aiplatform_v1
+        from google.rpc import status_pb2
+
+        now = _now()
+        study.job.state = aiplatform_v1.JobState[state]
+        study.job.update_time = now
+        if state == "JOB_STATE_RUNNING" and "start_time" not in study.job:
+            study.job.start_time = now
+        if state in TERMINAL_JOB_STATES:
+            study.job.end_time = now
+            study.done = True
+        if error is not None:
+            study.job.error = status_pb2.Status(code=error[0], message=error[1][:ERROR_MESSAGE_MAX])
+
+    def _suggest(self, study: _Study) -> dict[str, Any]:
+        """A trial's values: random within each range (both algorithms: the stand-in has no Bayesian optimizer)."""
+        from google.cloud import aiplatform_v1
+
+        values: dict[str, Any] = {}
+        for param in study.job.study_spec.parameters:
+            pick = study.random
+            log = aiplatform_v1.StudySpec.ParameterSpec.ScaleType(param.scale_type).name == "UNIT_LOG_SCALE"
+            if "double_value_spec" in param:
+                low, high = param.double_value_spec.min_value, param.double_value_spec.max_value
+                values[param.parameter_id] = (
+                    math.exp(pick.uniform(math.log(low), math.log(high))) if log else pick.uniform(low, high)
+                )
+            elif "integer_value_spec" in param:
+                low, high = param.integer_value_spec.min_value, param.integer_value_spec.max_value
+                values[param.parameter_id] = float(pick.randint(int(low), int(high)))
+            elif "discrete_value_spec" in param:
+                values[param.parameter_id] = float(pick.choice(list(param.discrete_value_spec.values)))
+            else:
+                values[param.parameter_id] = pick.choice(list(param.categorical_value_spec.values))
+        return values
+
+    def _start_trial(self, study: _Study) -> None:
+        """(Caller holds the lock.) A new trial: a custom job of the trial job spec with the trial's values as
+        ``--name=value`` arguments and its outputs under ``<base_output_directory>/<trial id>/``."""
+        from google.cloud import aiplatform_v1
+
+        trial_id = str(len(study.job.trials) + 1)
+        values = self._suggest(study)
+        spec = _copy(study.job.trial_job_spec)
+        base = spec.base_output_directory.output_uri_prefix
+        if base:
+            spec.base_output_directory.output_uri_prefix = _join_uri(base, trial_id)
+        kinds = {p.parameter_id: ("integer_value_spec" in p) for p in study.job.study_spec.parameters}
+        args = [f"--{k}={int(v) if kinds[k] else v}" for k, v in values.items()]
+        for pool in spec.worker_pool_specs:
+            pool.container_spec.args = [*pool.container_spec.args, *args]
+            pool.container_spec.env = [
+                *pool.container_spec.env,
+                aiplatform_v1.EnvVar(name="CLOUD_ML_TRIAL_ID", value=trial_id),
+            ]
+        jid = self._new_id()
+        job = aiplatform_v1.CustomJob(
+            name=f"{self.parent}/customJobs/{jid}",
+            display_name=f"{study.job.display_name}-trial-{trial_id}"[:128],
+            job_spec=spec,
+            state=aiplatform_v1.JobState.JOB_STATE_PENDING,
+            create_time=_now(),
+            update_time=_now(),
+        )
+        self._runs[jid] = _Run(id=jid, job=job)
+        study.runs[trial_id] = jid
+        study.job.trials.append(
+            aiplatform_v1.Trial(
+                id=trial_id,
+                state=aiplatform_v1.Trial.State.ACTIVE,
+                parameters=[aiplatform_v1.Trial.Parameter(parameter_id=k, value=v) for k, v in values.items()],
+                start_time=_now(),
+                custom_job=job.name,
+            )
+        )
+
+    def _measure(self, study: _Study, trial_id: str) -> tuple[int, float] | None:
+        """The trial's last reported (step, value) of the study's metric, from the primary replica's hypertune
+        file."""
+        metric = study.job.study_spec.metrics[0].metric_id
+        path = self.root / "jobs" / study.runs[trial_id] / "workerpool0-0" / "hypertune" / "output.metrics"
+        found = None
+        with contextlib.suppress(OSError):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    record = json.loads(line)
+                    found = (int(record.get("global_step") or 0), float(record[metric]))
+        return found
+
+    def _advance_study(self, study: _Study) -> None:
+        from google.cloud import aiplatform_v1
+
+        with self._lock:
+            state = aiplatform_v1.JobState(study.job.state).name
+            if state == "JOB_STATE_PENDING":
+                if study.cancel:
+                    self._set_study_state(study, "JOB_STATE_CANCELLED", (1, "CANCELED"))
+                else:
+                    self._set_study_state(study, "JOB_STATE_RUNNING")
+                return
+            active = 0
+            for trial in study.job.trials:
+                if trial.state != aiplatform_v1.Trial.State.ACTIVE:
+                    continue
+                run = self._runs[study.runs[trial.id]]
+                if not run.done:
+                    active += 1
+                    if study.cancel and not run.cancel:
+                        run.cancel = True
+                        self._set_state(run, "JOB_STATE_CANCELLING")
+                    continue
+                trial.end_time = _now()
+                ended = aiplatform_v1.JobState(run.job.state).name
+                measured = self._measure(study, trial.id) if ended == "JOB_STATE_SUCCEEDED" else None
+                if measured is not None:
+                    metric = study.job.study_spec.metrics[0].metric_id
+                    trial.final_measurement = aiplatform_v1.Measurement(
+                        step_count=measured[0],
+                        metrics=[aiplatform_v1.Measurement.Metric(metric_id=metric, value=measured[1])],
+                    )
+                    trial.state = aiplatform_v1.Trial.State.SUCCEEDED
+                else:
+                    trial.state = aiplatform_v1.Trial.State.INFEASIBLE
+                    trial.infeasible_reason = (
+                        run.job.error.message
+                        if ended != "JOB_STATE_SUCCEEDED"
+                        else "The trial's job succeeded but reported no value of the study's metric."
+                    )[:ERROR_MESSAGE_MAX]
+            if active:
+                study.job.update_time = _now()
+            trials = list(study.job.trials)
+            failed = [t for t in trials if t.state == aiplatform_v1.Trial.State.INFEASIBLE]
+            succeeded = [t for t in trials if t.state == aiplatform_v1.Trial.State.SUCCEEDED]
+            limit = study.job.max_failed_trial_count
+            if study.cancel:
+                if not active:
+                    self._set_study_state(study, "JOB_STATE_CANCELLED", (1, "CANCELED"))
+                return
+            if limit and len(failed) >= limit and not active:
+                reason = failed[0].infeasible_reason
+                self._set_study_state(
+                    study, "JOB_STATE_FAILED", (9, f"{len(failed)} trials failed (limit {limit}). First: {reason}")
+                )
+                return
+            if limit and len(failed) >= limit:
+                return  # the running trials end first
+            while active < study.job.parallel_trial_count and len(study.job.trials) < study.job.max_trial_count:
+                self._start_trial(study)
+                active += 1
+            if active:
+                return
+            if succeeded:
+                self._set_study_state(study, "JOB_STATE_SUCCEEDED")
+            else:
+                reason = failed[0].infeasible_reason if failed else "no trial ran"
+                self._set_study_state(study, "JOB_STATE_FAILED", (9, f"All trials failed. First: {reason}"))
+
+    def tuning_job_id(self, display_name: str) -> str:
+        with self._lock:
+            found = [sid for sid, study in self._studies.items() if study.job.display_name == display_name]
+        if len(found) != 1:
+            raise KeyError(f"no single tuning job {display_name!r} (found {found})")
+        return found[0]
 
     # -- REST: custom jobs ----------------------------------------------------------------------------------------
     def _run(self, job_id: str) -> _Run:
@@ -1520,6 +1833,17 @@ class VertexStandIn:
         if endpoint.deployed_models or endpoint.traffic_split:
             errors.append(("endpoint.deployed_models", "models are deployed with DeployModel, not on creation"))
         errors += _check_labels(endpoint.labels, "endpoint.labels")
+        logging = endpoint.predict_request_response_logging_config
+        if logging.enabled:
+            if not logging.bigquery_destination.output_uri.startswith("bq://"):
+                errors.append(
+                    (
+                        "endpoint.predict_request_response_logging_config.bigquery_destination.output_uri",
+                        "must be a BigQuery URI (bq://project[.dataset[.table]])",
+                    )
+                )
+            if not 0 < logging.sampling_rate <= 1:
+                errors.append(("endpoint.predict_request_response_logging_config.sampling_rate", "must be in (0, 1]"))
         wanted = self._param(query, "endpointId")
         if wanted and (not wanted.isdigit() or wanted in self._endpoints):
             errors.append(("endpoint_id", "must be an unused number"))
@@ -1834,6 +2158,9 @@ class VertexStandIn:
             payload_out = {"error": {"code": status, "message": error.message, "status": error.status}}
             return status, payload_out, headers
         assert isinstance(answer, dict)
+        logging = endpoint.predict_request_response_logging_config
+        if logging.enabled and self._random.random() < logging.sampling_rate:
+            self._log_request(endpoint, dmid, payload["instances"], answer["predictions"], started)
         result = {
             "predictions": answer["predictions"],
             "deployedModelId": dmid,
@@ -1842,6 +2169,39 @@ class VertexStandIn:
             "modelVersionId": deployed.model_version_id or "1",
         }
         return 200, result, headers
+
+    def _log_request(
+        self, endpoint: Any, dmid: str, instances: Sequence[Any], predictions: Sequence[Any], started: float
+    ) -> None:
+        """One row of the endpoint's request-response logging table: ``endpoint``, ``deployed_model_id``,
+        ``logging_time``, ``request_id``, ``request_payload`` / ``response_payload`` (one JSON string per instance
+        and per prediction)."""
+        with self._lock:
+            self._logged.append(
+                {
+                    "endpoint": endpoint.name,
+                    "deployed_model_id": dmid,
+                    "logging_time": started,
+                    "request_id": str(self._random.getrandbits(62)),
+                    "request_payload": [json.dumps(i) for i in instances],
+                    "response_payload": [json.dumps(p) for p in predictions],
+                }
+            )
+
+    def export_request_response_log(self, endpoint: str, folder: Path) -> Path:
+        """The endpoint's request-response logging table exported as BigQuery exports a table to Cloud Storage
+        as JSON (newline-delimited, ``TIMESTAMP`` as ``YYYY-MM-DD HH:MM:SS.ffffff UTC``): one file in ``folder``."""
+        name = f"{self.parent}/endpoints/{self.endpoint_id(endpoint)}"
+        with self._lock:
+            rows = [dict(row) for row in self._logged if row["endpoint"] == name]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "000000000000.json"
+        with path.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                stamp = datetime.fromtimestamp(row["logging_time"], tz=timezone.utc)
+                row["logging_time"] = stamp.strftime("%Y-%m-%d %H:%M:%S.%f UTC")
+                handle.write(json.dumps(row) + "\n")
+        return path
 
     def _forward(self, server: _Server, payload: Mapping[str, Any], fault: _Fault | None) -> tuple[int, bytes, float]:
         """POST to the server's predict route: (status, body, model latency in ms)."""

@@ -100,3 +100,80 @@ def test_labels_are_valid_and_shadow_is_refused() -> None:
     with pytest.raises(VertexConfigError, match=r"unknown vertex platform options \['zone'\]"):
         get_platform("vertex", zone="x")
     assert json.loads(json.dumps(SETTINGS.__dict__))["region"] == "us-central1"
+
+
+def test_a_tuning_spec_is_a_study_over_the_training_job() -> None:
+    from google.cloud import aiplatform_v1
+
+    from airflow_llmops.specs.tuning import TuningSpec
+
+    tuning = TuningSpec.parse(
+        {
+            "training": {
+                "dataset_uri": "gs://bucket/data/prepared",
+            },
+            "search_space": {
+                "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+                "lora.r": {"type": "int", "low": 4, "high": 16},
+                "warmup_ratio": {"type": "categorical", "choices": [0.1, 0.0]},
+                "weight_decay": {"type": "float", "low": 0.0, "high": 0.1, "step": 0.05},
+                "lora.target_modules": {"type": "categorical", "choices": ["auto", ["q", "v"]]},
+            },
+            "n_trials": 5,
+            "metric": "eval_loss",
+            "sampler": "random",
+        }
+    )
+    job = R.tuning_job(tuning, job_name="llmops-tune-abc", settings=SETTINGS)
+    aiplatform_v1.HyperparameterTuningJob(job)  # every field name is the API's
+    study = job["study_spec"]
+    assert study["metrics"] == [{"metric_id": "eval_loss", "goal": "MINIMIZE"}]
+    assert study["algorithm"] == "RANDOM_SEARCH" and "median_automated_stopping_spec" in study
+    params = {p["parameter_id"]: p for p in study["parameters"]}
+    assert params["learning_rate"]["double_value_spec"] == {"min_value": 1e-5, "max_value": 1e-3}
+    assert params["learning_rate"]["scale_type"] == "UNIT_LOG_SCALE"
+    assert params["lora.r"]["integer_value_spec"] == {"min_value": 4, "max_value": 16}
+    assert params["warmup_ratio"]["discrete_value_spec"] == {"values": [0.0, 0.1]}
+    assert params["weight_decay"]["discrete_value_spec"] == {"values": [0.0, 0.05, 0.1]}
+    assert params["lora.target_modules"]["categorical_value_spec"] == {"values": ["auto", '["q", "v"]']}
+    assert job["max_trial_count"] == 5 and job["parallel_trial_count"] == 2
+    pools = job["trial_job_spec"]["worker_pool_specs"]
+    assert [p["replica_count"] for p in pools] == [1]
+    env = {e["name"]: e["value"] for e in pools[0]["container_spec"]["env"]}
+    assert env["LLMOPS_HP_METRIC"] == "eval_loss" and "LLMOPS_RESULT_URI" not in env  # per trial: no shared record
+    assert job["labels"]["llmops-job"] == "llmops-tune-abc"
+    with pytest.raises(VertexConfigError, match="initial_trials"):
+        R.tuning_job(
+            tuning.model_copy(update={"initial_trials": [{"learning_rate": 1e-4}]}), job_name="j", settings=SETTINGS
+        )
+
+
+def test_request_response_logging_goes_to_a_bigquery_uri() -> None:
+    assert R.logging_config(SETTINGS) is None
+    on = VertexSettings(**{**SETTINGS.__dict__, "request_response_logging_uri": "bq://my-project.llmops.requests"})
+    assert R.logging_config(on) == {
+        "enabled": True,
+        "sampling_rate": 1.0,
+        "bigquery_destination": {"output_uri": "bq://my-project.llmops.requests"},
+    }
+    for bad in ("gs://bucket/logs", "bq://"):
+        with pytest.raises(VertexConfigError, match="bq://project"):
+            R.logging_config(VertexSettings(**{**SETTINGS.__dict__, "request_response_logging_uri": bad}))
+
+
+def test_a_trial_reports_its_metric_as_hypertune_does(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from airflow_llmops.ml import hypertune
+
+    path = Path(str(tmp_path)) / "hypertune" / "output.metrics"
+    env = {"LLMOPS_HP_METRIC": "eval_accuracy", "CLOUD_ML_HP_METRIC_FILE": str(path), "CLOUD_ML_TRIAL_ID": "3"}
+    assert hypertune.report({"eval_accuracy": 0.5}, 10, env) is not None
+    assert hypertune.report({"eval_accuracy": 0.75, "eval_loss": 1.2}, 20, env) is not None
+    assert hypertune.report({"eval_loss": 1.0}, 30, env) is None  # not the tuned metric
+    assert hypertune.report({"eval_accuracy": 0.9}, 40, {"CLOUD_ML_HP_METRIC_FILE": str(path)}) is None  # no trial
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["global_step"], r["eval_accuracy"], r["trial"]) for r in lines] == [
+        ("10", "0.5", "3"),
+        ("20", "0.75", "3"),
+    ]

@@ -6,6 +6,7 @@ directly. A window *drifts* when at least ``policy.checks_to_agree`` of the enab
 
 * :mod:`.inputs`: the reference dataset, request-log windows, the latency baseline, simulated traffic;
 * :mod:`.capture`: SageMaker Data Capture files as the same windows;
+* :mod:`.vertex_log`: Vertex AI request-response logging rows (exported from BigQuery) as the same windows;
 * :mod:`.features`: text descriptors and sentence embeddings;
 * :mod:`.checks`: :func:`compute_drift` and its :class:`DriftResult`.
 """
@@ -31,6 +32,7 @@ from airflow_llmops.ml.drift.inputs import (
     simulated_records,
     write_request_log,
 )
+from airflow_llmops.ml.drift.vertex_log import read_vertex_log, read_vertex_log_window
 
 __all__ = [
     "EMBEDDINGS_NAME",
@@ -47,6 +49,8 @@ __all__ = [
     "load_reference",
     "read_capture",
     "read_capture_window",
+    "read_vertex_log",
+    "read_vertex_log_window",
     "read_window",
     "reference_embeddings",
     "simulated_records",

@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from airflow_llmops.ml import hypertune
 from airflow_llmops.ml.training.jobdir import ProgressWriter
 
 MetricsSink = Callable[[int, Mapping[str, float | None]], None]
@@ -80,6 +81,7 @@ class ProgressCallback(TrainerCallback):
             self.echo(f"[train] step {state.global_step} validation: " + _short(evaluation))
             if self.metrics_sink is not None:
                 self.metrics_sink(state.global_step, evaluation)
+            hypertune.report(evaluation, state.global_step)  # a Vertex tuning trial's intermediate measurement
         if "loss" not in logs:
             return
         self._last_loss = logs["loss"]

@@ -205,6 +205,82 @@ class Vertex:
             "console_url": handle.console_url,
         }
 
+    # == tuning ================================================================================================
+    def _find_tuning(self, job_name: str) -> Any | None:
+        label = R.label_value(job_name)
+        wanted = f'display_name="{job_name}" AND labels.{R.LABEL_JOB}="{label}"'
+        request = {"parent": self.parent, "filter": wanted}
+        for job in self.client("job").list_hyperparameter_tuning_jobs(request=request):
+            return job
+        return None
+
+    def _tuning(self, job_name: str) -> Any | None:
+        found = self._find_tuning(job_name)
+        return None if found is None else self.client("job").get_hyperparameter_tuning_job(name=found.name)
+
+    def submit_tuning(self, tuning: Any, *, job_name: str) -> dict[str, Any]:
+        """Start (or find, on a retry) the hyperparameter tuning job for a
+        :class:`~airflow_llmops.specs.tuning.TuningSpec` (see :func:`requests.tuning_job`)."""
+        body = R.tuning_job(tuning, job_name=job_name, settings=self.settings)  # refuses bad input before any call
+        from google.cloud import aiplatform_v1
+
+        job = self._find_tuning(job_name)
+        if job is None:
+            job = self.client("job").create_hyperparameter_tuning_job(
+                parent=self.parent, hyperparameter_tuning_job=aiplatform_v1.HyperparameterTuningJob(body)
+            )
+        job_id = job.name.rsplit("/", 1)[-1]
+        return {
+            "job_name": job_name,
+            "resource": job.name,
+            "console_url": self._console(f"locations/{self.settings.region}/training/{job_id}/cpu"),
+        }
+
+    @staticmethod
+    def _trial(job: Any, trial: Any) -> dict[str, Any]:
+        metrics = {m.metric_id: float(m.value) for m in trial.final_measurement.metrics}
+        goal = job.study_spec.metrics[0]
+        base = job.trial_job_spec.base_output_directory.output_uri_prefix.rstrip("/")
+        return {
+            "trial": trial.id,
+            "training_job": trial.custom_job or None,
+            "status": trial.state.name,
+            "params": {p.parameter_id: p.value for p in trial.parameters},
+            "value": metrics.get(goal.metric_id),
+            "model_uri": f"{base}/{trial.id}/model" if base else None,
+            "infeasible_reason": trial.infeasible_reason or None,
+        }
+
+    def tuning_status(self, job_name: str) -> dict[str, Any]:
+        """``state`` (a JobState value), ``message``, the trials by state and the best trial so far."""
+        job = self._tuning(job_name)
+        if job is None:
+            return {"state": JobState.FAILED.value, "message": f"tuning job {job_name} does not exist"}
+        state = _STATES.get(job.state.name, JobState.RUNNING)
+        trials = [self._trial(job, t) for t in job.trials]
+        counters: dict[str, int] = {}
+        for trial in trials:
+            counters[trial["status"]] = counters.get(trial["status"], 0) + 1
+        scored = [t for t in trials if t["status"] == "SUCCEEDED" and t["value"] is not None]
+        maximize = job.study_spec.metrics[0].goal.name == "MAXIMIZE"
+        best = (max if maximize else min)(scored, key=lambda t: t["value"]) if scored else None
+        return {
+            "state": state.value,
+            "message": job.error.message or job.state.name,
+            "counters": counters,
+            "best": best,
+        }
+
+    def tuning_trials(self, job_name: str) -> list[dict[str, Any]]:
+        job = self._tuning(job_name)
+        return [] if job is None else [self._trial(job, t) for t in job.trials]
+
+    def stop_tuning(self, job_name: str) -> None:
+        job = self._find_tuning(job_name)
+        if job is None or _STATES.get(job.state.name, JobState.RUNNING).is_terminal:
+            return
+        self.client("job").cancel_hyperparameter_tuning_job(name=job.name)
+
     # == deployment ============================================================================================
     def _find_endpoint(self, endpoint: str) -> Any | None:
         wanted = f'labels.{R.LABEL_ENDPOINT}="{R.label_value(endpoint)}"'
@@ -255,9 +331,15 @@ class Vertex:
         endpoint = validate_endpoint_name(endpoint_name)
         self.settings.require("staging_uri", "image_uri")
         resources = R.dedicated_resources(plan, self.settings)
+        R.logging_config(self.settings)  # refused before any call
         ep = self._find_endpoint(endpoint)
         if ep is None:
             body = aiplatform_v1.Endpoint(display_name=endpoint, labels=R.labels(self.settings, endpoint=endpoint))
+            logging = R.logging_config(self.settings)
+            if logging is not None:  # requests and responses to BigQuery, for drift from Vertex's own log
+                body.predict_request_response_logging_config = aiplatform_v1.PredictRequestResponseLoggingConfig(
+                    logging
+                )
             ep = self._wait(self.client("endpoint").create_endpoint(parent=self.parent, endpoint=body), "creating it")
         ids = self._ids(ep)
         previous = {v: float(ep.traffic_split.get(i, 0)) for v, i in ids.items() if v != variant}

@@ -4,6 +4,7 @@ readable and testable as data. The adapter turns them into the client library's 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ class VertexSettings:
         ``api_endpoint``, ``transport`` and ``monitoring_endpoint`` for a private or test endpoint).
     :param staging_uri: ``gs://bucket/prefix`` for job outputs, checkpoints and rollout records.
     :param image_uri: the runtime image built from ``docker/runtime.Dockerfile`` (Artifact Registry).
+    :param max_parallel_trials: trials of a hyperparameter tuning job that run at once.
+    :param request_response_logging_uri: ``bq://project[.dataset[.table]]``: new endpoints log their requests and
+        responses to that BigQuery table (Vertex's request-response logging); export it to Cloud Storage as JSON
+        for :class:`~airflow_llmops.operators.drift.DriftCheckOperator` (``capture_format="vertex"``).
     """
 
     gcp_conn_id: str | None = "google_cloud_default"
@@ -53,6 +58,9 @@ class VertexSettings:
     serving_machine_type: str = "n1-standard-4"
     serving_min_replicas: int = 1
     serving_max_replicas: int = 1
+    max_parallel_trials: int = 2
+    request_response_logging_uri: str | None = None
+    request_response_sampling_rate: float = 1.0
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     wait_timeout_s: float = 3600.0
@@ -216,3 +224,92 @@ def integer_split(weights: Mapping[str, float]) -> dict[str, int]:
     for key in sorted(weights, key=lambda k: weights[k] - floors[k], reverse=True)[: max(0, left)]:
         floors[key] += 1
     return floors
+
+
+HP_METRIC_ENV = "LLMOPS_HP_METRIC"  # which metric a tuning trial's runtime reports to Vertex (hypertune file)
+_DISCRETE_MAX = 1000
+
+
+def _grid(low: float, high: float, step: float) -> list[float]:
+    count = int((high - low) / step + 1e-9) + 1
+    if count > _DISCRETE_MAX:
+        raise VertexConfigError(
+            f"a range of {count} steps is more than Vertex's discrete values allow ({_DISCRETE_MAX})"
+        )
+    return [round(low + i * step, 12) for i in range(count)]
+
+
+def parameter_spec(name: str, rng: Any) -> dict[str, Any]:
+    """One search-space range as a ``StudySpec.ParameterSpec``: numeric choices and stepped ranges as discrete
+    values, other choices as categorical strings (JSON for non-strings), log ranges on ``UNIT_LOG_SCALE``."""
+    spec: dict[str, Any] = {"parameter_id": name}
+    if rng.type == "categorical":
+        numeric = all(isinstance(c, int | float) and not isinstance(c, bool) for c in rng.choices)
+        if numeric:
+            spec["discrete_value_spec"] = {"values": sorted({float(c) for c in rng.choices})}
+        else:
+            spec["categorical_value_spec"] = {
+                "values": [c if isinstance(c, str) else json.dumps(c) for c in rng.choices]
+            }
+        return spec
+    if rng.step is not None:
+        spec["discrete_value_spec"] = {"values": _grid(float(rng.low), float(rng.high), float(rng.step))}
+    elif rng.type == "int":
+        spec["integer_value_spec"] = {"min_value": int(rng.low), "max_value": int(rng.high)}
+    else:
+        spec["double_value_spec"] = {"min_value": float(rng.low), "max_value": float(rng.high)}
+    spec["scale_type"] = "UNIT_LOG_SCALE" if rng.log else "UNIT_LINEAR_SCALE"
+    return spec
+
+
+def tuning_job(tuning: Any, *, job_name: str, settings: VertexSettings) -> dict[str, Any]:
+    """A ``HyperparameterTuningJob`` for a :class:`~airflow_llmops.specs.tuning.TuningSpec`: each trial is the
+    training's custom job with the trial's values as ``--name=value`` arguments (the runtime applies them to the
+    spec) and reports ``tuning.metric`` through Vertex's hypertune file; the TPE sampler as Vertex's default
+    (Bayesian) algorithm, ``random`` as random search, the median pruner as median automated stopping. Each trial
+    writes under ``<base_output_directory>/<trial id>/`` (``model/``, ``checkpoints/``)."""
+    if tuning.initial_trials:
+        raise VertexConfigError(
+            "initial_trials cannot be given to a Vertex AI tuning job (its studies take no given points); remove "
+            "them or tune on the local platform"
+        )
+    trial = custom_job(tuning.training, job_name=job_name, settings=settings)
+    job_spec = trial["job_spec"]
+    for pool in job_spec["worker_pool_specs"]:
+        container = pool["container_spec"]
+        env = [e for e in container["env"] if e["name"] != "LLMOPS_RESULT_URI"]  # one per job, not per trial
+        container["env"] = [*env, {"name": HP_METRIC_ENV, "value": tuning.metric}]
+    study: dict[str, Any] = {
+        "metrics": [
+            {"metric_id": tuning.metric, "goal": "MAXIMIZE" if tuning.resolved_direction == "maximize" else "MINIMIZE"}
+        ],
+        "parameters": [parameter_spec(name, rng) for name, rng in sorted(tuning.search_space.items())],
+        "algorithm": "ALGORITHM_UNSPECIFIED" if tuning.sampler == "tpe" else "RANDOM_SEARCH",
+        "measurement_selection_type": "LAST_MEASUREMENT",
+    }
+    if tuning.pruner == "median":
+        study["median_automated_stopping_spec"] = {"use_elapsed_duration": False}
+    return {
+        "display_name": job_name,
+        "labels": trial["labels"],
+        "study_spec": study,
+        "max_trial_count": tuning.n_trials,
+        "parallel_trial_count": max(1, min(settings.max_parallel_trials, tuning.n_trials)),
+        "trial_job_spec": job_spec,
+    }
+
+
+def logging_config(settings: VertexSettings) -> dict[str, Any] | None:
+    """The endpoint's ``predict_request_response_logging_config`` (``None``: request-response logging off)."""
+    uri = settings.request_response_logging_uri
+    if not uri:
+        return None
+    if not re.fullmatch(r"bq://[a-z][a-z0-9-]{4,28}[a-z0-9](\.[A-Za-z0-9_]{1,1024}){0,2}", uri):
+        raise VertexConfigError(
+            f"request_response_logging_uri {uri!r} must be bq://project, bq://project.dataset or "
+            "bq://project.dataset.table"
+        )
+    rate = settings.request_response_sampling_rate
+    if not 0 < rate <= 1:
+        raise VertexConfigError(f"request_response_sampling_rate {rate} must be in (0, 1]")
+    return {"enabled": True, "sampling_rate": rate, "bigquery_destination": {"output_uri": uri}}
