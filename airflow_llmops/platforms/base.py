@@ -122,6 +122,17 @@ class DeploymentError(RuntimeError):
     """An endpoint could not be started or changed; the message says what the platform answered."""
 
 
+class PlatformApiError(RuntimeError):
+    """A cloud API refused a call that may succeed later (quota, throttling, the service unavailable): the
+    message names the call, the resource and what the service answered. A task retry may get through."""
+
+
+class PlatformRefusedError(PlatformApiError, ValueError):
+    """A cloud API refused a call that will be refused again (permission, authentication, an invalid argument):
+    the message names the call, the resource and what the service answered. A ``ValueError``: operators fail the
+    task without retrying."""
+
+
 class EndpointChangedError(DeploymentError):
     """The endpoint changed under a rollout step (its server restarted, its split was reset): the step's numbers
     cannot be trusted and the rollout must not continue from them."""

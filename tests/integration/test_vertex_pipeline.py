@@ -227,3 +227,20 @@ def test_tuning_on_vertex_hands_on_the_best_trial(gcp: Any, airflow_db: Path, tm
     assert used[0]["warmup_ratio"] == best["warmup_ratio"]
     model = Path(out["best_model_uri"].removeprefix("file://"))
     assert model.parent.name == trial["trial"] and (model / "config.json").is_file(), model
+
+
+def test_an_api_refusal_names_the_call_and_the_resource_and_is_not_retried(gcp: Any, tmp_path: Path) -> None:
+    from conftest import prepare_chatterbot
+
+    from airflow_llmops.platforms import PlatformRefusedError, get_platform
+    from airflow_llmops.specs import TrainingSpec
+
+    dataset = prepare_chatterbot(tmp_path / "data")
+    platform = get_platform(
+        "vertex", project="someone-elses-project", staging_uri=(tmp_path / "s").as_uri(), image_uri="i"
+    )
+    with pytest.raises(PlatformRefusedError) as refused:  # a ValueError: the operators fail without a retry
+        platform.submit_training(TrainingSpec.parse({"dataset_uri": str(dataset)}), job_name="refused-job")
+    message = str(refused.value)
+    assert "list_custom_jobs" in message and "projects/someone-elses-project/locations/us-central1" in message
+    assert "Permission denied on resource project" in message and isinstance(refused.value, ValueError)

@@ -177,3 +177,26 @@ def test_a_trial_reports_its_metric_as_hypertune_does(tmp_path: object) -> None:
         ("10", "0.5", "3"),
         ("20", "0.75", "3"),
     ]
+
+
+def test_a_throttled_call_may_be_retried_and_a_refused_one_not() -> None:
+    from google.api_core import exceptions
+
+    from airflow_llmops.platforms import PlatformApiError, PlatformRefusedError
+    from airflow_llmops.platforms.vertex.adapter import _Calls
+
+    class Client:  # the GAPIC client's surface: the service answers with google.api_core errors
+        def create_custom_job(self, *, parent: str, custom_job: object) -> None:
+            raise exceptions.ResourceExhausted(
+                "Quota exceeded for aiplatform.googleapis.com/custom_model_training_cpus"
+            )
+
+        def get_endpoint(self, *, name: str) -> None:
+            raise exceptions.NotFound(f"Endpoint {name} not found")
+
+    calls = _Calls(Client(), "p")
+    with pytest.raises(PlatformApiError, match=r"create_custom_job on projects/p/locations/r .*Quota exceeded") as err:
+        calls.create_custom_job(parent="projects/p/locations/r", custom_job=object())
+    assert not isinstance(err.value, PlatformRefusedError)
+    with pytest.raises(PlatformApiError, match="get_endpoint on projects/p/locations/r/endpoints/9"):
+        calls.get_endpoint(name="projects/p/locations/r/endpoints/9")

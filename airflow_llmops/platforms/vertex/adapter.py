@@ -22,7 +22,9 @@ from airflow_llmops.platforms.base import (
     JobHandle,
     JobState,
     JobStatus,
+    PlatformApiError,
     PlatformCapabilities,
+    PlatformRefusedError,
     RolloutRecord,
     VariantMetrics,
     settings_from,
@@ -47,6 +49,55 @@ _STATES = {
     "JOB_STATE_EXPIRED": JobState.FAILED,
     "JOB_STATE_CANCELLED": JobState.CANCELLED,
 }
+
+
+def _resource(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    """The resource a client call is about: its ``name``/``endpoint``/``parent`` argument (or the request's)."""
+    candidates = [kwargs.get(k) for k in ("name", "endpoint", "parent", "model", "custom_job")]
+    request = kwargs.get("request", args[0] if args else None)
+    if isinstance(request, Mapping):
+        candidates += [request.get(k) for k in ("name", "endpoint", "parent")]
+    elif request is not None:
+        candidates += [getattr(request, k, None) for k in ("name", "endpoint", "parent")]
+    for value in candidates:
+        name = value if isinstance(value, str) else getattr(value, "name", None)
+        if isinstance(name, str) and name:
+            return name
+    return "(no resource named)"
+
+
+class _Calls:
+    """A GAPIC client whose failed calls raise :class:`PlatformRefusedError` (permission, bad argument: no retry)
+    or :class:`PlatformApiError` (quota, unavailable: a retry may pass), naming the call and the resource."""
+
+    def __init__(self, client: Any, project: str) -> None:
+        self._client = client
+        self._project = project
+
+    def __getattr__(self, method: str) -> Any:
+        attr = getattr(self._client, method)
+        if not callable(attr) or method.startswith("_"):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            from google.api_core import exceptions
+
+            try:
+                return attr(*args, **kwargs)
+            except exceptions.GoogleAPICallError as err:
+                # gRPC names the status; over REST the class says it (from the HTTP code): 4xx other than
+                # throttling (429), a missing resource (404) and conflicts (409) is refused for good.
+                status = getattr(err.grpc_status_code, "name", None) or f"HTTP {err.code} {type(err).__name__}"
+                message = (
+                    f"Vertex AI {method} on {_resource(args, kwargs)} (project {self._project}) failed: {status}: "
+                    f"{err.message}"
+                )
+                retryable = (exceptions.TooManyRequests, exceptions.NotFound, exceptions.Conflict)
+                if isinstance(err, exceptions.ClientError) and not isinstance(err, retryable):
+                    raise PlatformRefusedError(message) from None
+                raise PlatformApiError(message) from None
+
+        return call
 
 
 def _fs(uri: str) -> tuple[Any, str]:
@@ -134,7 +185,7 @@ class Vertex:
                 self._clients[kind] = cls(
                     credentials=credentials, client_options=ClientOptions(api_endpoint=api), transport=transport
                 )
-        return self._clients[kind]
+        return _Calls(self._clients[kind], self._connection()[1])
 
     def _console(self, fragment: str) -> str:
         return f"https://console.cloud.google.com/vertex-ai/{fragment}?project={self.project}"
