@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cloud_pipeline import Traffic, register_again
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("sagemaker-pipeline")]
 
@@ -50,46 +51,6 @@ def sagemaker_env(aws: Any, airflow_db: Path, mlflow_server: Any, monkeypatch: p
     }.items():
         monkeypatch.setenv(f"AIRFLOW__LLMOPS__{key}", value)
     return aws
-
-
-class Traffic:
-    """Requests to the endpoint from a background thread while a rollout runs (what a step is judged on)."""
-
-    def __init__(self, aws: Any) -> None:
-        self.aws, self.answers = aws, []  # type: ignore[var-annotated]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            try:
-                self.answers.append(self.aws.invoke(ENDPOINT, {"inputs": f"do you like pizza {i}?"}))
-            except Exception as err:  # the endpoint is updating: keep going, as a client would
-                self.answers.append((0, str(err), None))
-            i += 1
-            time.sleep(0.2)
-
-    def __enter__(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-
-
-def _register_again(mlflow_url: str, version: str) -> str:
-    """A new registry version of the model ``version`` was logged as (a retrained model, for the rollouts)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
-    source = client.get_model_version(MODEL, version).source
-    mlflow.set_tracking_uri(mlflow_url)
-    mlflow.set_registry_uri(mlflow_url)
-    created = mlflow.register_model(source, MODEL)
-    return f"models:/{MODEL}/{created.version}"
 
 
 def _rollout(conf: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -161,8 +122,8 @@ def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any) -> 
 
     # -- a later version, canary 50 -> 100 judged on CloudWatch numbers from live traffic: passes ---------------
     v1 = deployed["variant"]
-    uri = _register_again(mlflow_server.url, registered["version"])
-    with Traffic(aws):
+    uri = register_again(mlflow_server.url, MODEL, registered["version"])
+    with Traffic(lambda i: aws.invoke(ENDPOINT, {"inputs": f"do you like pizza {i}?"})):
         scaling = {"min_instances": 1, "max_instances": 3, "target_invocations_per_instance": 50}
         run2, rolled2 = _rollout({"model_uri": uri, "traffic_steps": [50, 100], "autoscaling": scaling})
     assert run2.state == "success", rolled2
@@ -179,10 +140,10 @@ def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any) -> 
     assert policy["TargetValue"] == 50 and "InvocationsPerInstance" in str(policy["PredefinedMetricSpecification"])
 
     # -- the next version answers errors: the canary breaches, the old weights come back -------------------------
-    uri3 = _register_again(mlflow_server.url, registered["version"])
+    uri3 = register_again(mlflow_server.url, MODEL, registered["version"])
     v3 = f"v{uri3.rsplit('/', 1)[1]}"
     aws.fail_variant(ENDPOINT, v3, status=500)
-    with Traffic(aws):
+    with Traffic(lambda i: aws.invoke(ENDPOINT, {"inputs": f"do you like pizza {i}?"})):
         run3, _ = _rollout({"model_uri": uri3, "traffic_steps": [50, 100]})
     aws.clear_faults()
     assert run3.state == "failed"
@@ -192,8 +153,8 @@ def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any) -> 
     assert [v["name"] for v in platform.describe_endpoint(handle)["variants"]] == [v2]
 
     # -- native guardrails: SageMaker's blue/green canary with alarms from the SLO; no alarm: it completes ------
-    uri4 = _register_again(mlflow_server.url, registered["version"])
-    with Traffic(aws):
+    uri4 = register_again(mlflow_server.url, MODEL, registered["version"])
+    with Traffic(lambda i: aws.invoke(ENDPOINT, {"inputs": f"do you like pizza {i}?"})):
         run4, rolled4 = _rollout({"model_uri": uri4, "traffic_steps": [10, 100], "native_guardrails": True})
     assert run4.state == "success", rolled4
     v4 = rolled4["variant"]
@@ -205,7 +166,7 @@ def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any) -> 
     assert alarms == []  # made for the deployment, removed after it
 
     # -- native guardrails again, and the error alarm fires during the bake: SageMaker rolls back, we report it ---
-    uri5 = _register_again(mlflow_server.url, registered["version"])
+    uri5 = register_again(mlflow_server.url, MODEL, registered["version"])
     v5 = f"v{uri5.rsplit('/', 1)[1]}"
     alarm = f"llmops-{ENDPOINT}-{v5}-errors"
 

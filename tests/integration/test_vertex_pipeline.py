@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cloud_pipeline import Traffic, register_again
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("vertex-pipeline")]
 
@@ -47,43 +48,6 @@ def gcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         finally:
             os.environ.pop("AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT", None)
     assert standin.errors == [], standin.errors
-
-
-class Traffic:
-    """Predictions from a background thread while a rollout runs."""
-
-    def __init__(self, gcp: Any) -> None:
-        self.gcp, self.answers = gcp, []  # type: ignore[var-annotated]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            try:
-                self.answers.append(self.gcp.predict(ENDPOINT, [{"inputs": f"do you like pizza {i}?"}]))
-            except Exception as err:  # between changes: keep going, as a client would
-                self.answers.append((0, str(err), None))
-            i += 1
-            time.sleep(0.2)
-
-    def __enter__(self) -> Traffic:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-
-
-def _register_again(mlflow_url: str, version: str) -> str:
-    import mlflow
-    from mlflow import MlflowClient
-
-    source = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url).get_model_version(MODEL, version).source
-    mlflow.set_tracking_uri(mlflow_url)
-    mlflow.set_registry_uri(mlflow_url)
-    return f"models:/{MODEL}/{mlflow.register_model(source, MODEL).version}"
 
 
 def test_llmops_vertex_end_to_end(
@@ -136,8 +100,8 @@ def test_llmops_vertex_end_to_end(
     test_dag = load_dag("llmops_test_vertex", folder="tests/dags")
 
     # -- a later version: canary 50 -> 100 judged on Cloud Monitoring numbers from live predictions: passes -------
-    uri2 = _register_again(mlflow_server.url, registered["version"])
-    with Traffic(gcp):
+    uri2 = register_again(mlflow_server.url, MODEL, registered["version"])
+    with Traffic(lambda i: gcp.predict(ENDPOINT, [{"inputs": f"do you like pizza {i}?"}])):
         run2 = test_dag.test(run_conf={"model_uri": uri2})
     rolled2 = run2.get_task_instance("rollout").xcom_pull(task_ids="rollout") or {}
     assert run2.state == "success", rolled2
@@ -148,7 +112,7 @@ def test_llmops_vertex_end_to_end(
     assert platform.get_traffic(handle) == {v2: 100.0}  # promoted; the old version undeployed
 
     # -- the next version answers errors: the canary breaches and the split from before comes back ---------------
-    uri3 = _register_again(mlflow_server.url, registered["version"])
+    uri3 = register_again(mlflow_server.url, MODEL, registered["version"])
     v3 = f"v{uri3.rsplit('/', 1)[1]}"
 
     def break_it() -> None:  # as soon as v3 is deployed, its server answers 500s
@@ -162,7 +126,7 @@ def test_llmops_vertex_end_to_end(
 
     breaker = threading.Thread(target=break_it, daemon=True)
     breaker.start()
-    with Traffic(gcp):
+    with Traffic(lambda i: gcp.predict(ENDPOINT, [{"inputs": f"do you like pizza {i}?"}])):
         run3 = test_dag.test(run_conf={"model_uri": uri3})
     breaker.join(timeout=5)
     gcp.clear_faults()
