@@ -188,6 +188,66 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "bq://my-project.llmops.request_response",
                         "default": "",
                     },
+                    "azureml_subscription_id": {
+                        "description": "Azure subscription of the Azure ML workspace (platform 'azureml'); empty: the "
+                        "connection's extra.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "00000000-0000-0000-0000-000000000000",
+                        "default": "",
+                    },
+                    "azureml_resource_group": {
+                        "description": "Resource group of the Azure ML workspace; empty: the connection's extra.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "llmops-rg",
+                        "default": "",
+                    },
+                    "azureml_workspace_name": {
+                        "description": "The Azure ML workspace; empty: the connection's extra.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "llmops-ws",
+                        "default": "",
+                    },
+                    "azureml_compute": {
+                        "description": "The compute cluster that runs Azure ML training jobs.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "cpu-cluster",
+                        "default": "",
+                    },
+                    "azureml_image": {
+                        "description": "The runtime image (docker/runtime.Dockerfile) in Azure Container Registry, "
+                        "run by command jobs and online deployments.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "myregistry.azurecr.io/llmops/airflow-llmops-runtime:0.2.0",
+                        "default": "",
+                    },
+                    "azureml_environment": {
+                        "description": "A registered Azure ML environment (name:version) for training jobs instead "
+                        "of the image; empty: the image.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "llmops-runtime:1",
+                        "default": "",
+                    },
+                    "azureml_output_uri": {
+                        "description": "Where Azure ML jobs and endpoints keep their files: job outputs, checkpoints, "
+                        "rollout records (the workspace's storage account, abfs://).",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "abfs://llmops@myaccount.dfs.core.windows.net/llmops",
+                        "default": "",
+                    },
+                    "azureml_instance_type": {
+                        "description": "VM size of Azure ML online deployments.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "Standard_DS3_v2",
+                        "default": "",
+                    },
                     "artifact_conn_id": {
                         "description": "Airflow connection used to reach artifact_root when it is remote.",
                         "version_added": "0.1.0",

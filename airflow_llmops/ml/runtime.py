@@ -56,6 +56,13 @@ Vertex AI's contract (a CustomJob replica, detected by ``$CLUSTER_SPEC`` or ``$A
     also answers ``GET $AIP_HEALTH_ROUTE`` and ``POST $AIP_PREDICT_ROUTE`` (``{"instances": [...]}`` →
     ``{"predictions": [...]}``), read from the environment by :class:`~airflow_llmops.serving.config.ServerConfig`.
 
+Azure ML's contract (a command job's node, detected by ``$AZUREML_RUN_ID``; see :func:`train_azureml`): ``train``
+as on Vertex AI (``$LLMOPS_SPEC``, ``$LLMOPS_DATASET_URI``, ``$LLMOPS_RESULT_URI``), the nodes from Azure ML's
+PyTorch distribution with one process per instance (``$NODE_RANK``, ``$AZUREML_NODE_COUNT``, ``$MASTER_ADDR``,
+``$MASTER_PORT``), the model to ``$LLMOPS_MODEL_DIR`` and checkpoints to ``$LLMOPS_CHECKPOINT_DIR``. ``serve``
+answers Azure ML's liveness/readiness (``/ping``) and scoring (``/invocations``) routes on 8080, with the model
+from ``$LLMOPS_MODEL_STORAGE_URI`` (downloaded first when remote).
+
 No Airflow here, and nothing heavy at import: ``torch`` is imported only to count GPUs for ``auto``.
 """
 
@@ -480,10 +487,11 @@ def _read_status(job: JobDir) -> dict[str, Any]:
 
 def train(env: Mapping[str, str] | None = None, args: Sequence[str] = ()) -> int:
     """Run this host's share of the training job; returns the exit code (see the module docstring). Vertex AI's
-    contract when its variables are set (:func:`is_vertex`), else SageMaker's."""
+    contract when its variables are set (:func:`is_vertex`), Azure ML's when its are (:func:`is_azureml`), else
+    SageMaker's."""
     env = dict(os.environ if env is None else env)
-    if is_vertex(env):
-        return train_vertex(env, args)
+    if is_vertex(env) or is_azureml(env):  # their own contracts (below)
+        return (train_vertex if is_vertex(env) else train_azureml)(env, args)
     opt_ml = OptMl.from_env(env)
     with contextlib.suppress(FileNotFoundError):
         opt_ml.failure.unlink()  # a previous attempt's reason must not outlive it
@@ -1054,12 +1062,129 @@ def train_vertex(env: Mapping[str, str] | None = None, args: Sequence[str] = ())
     return outcome.succeeded(status, env)
 
 
+# ---- Azure ML --------------------------------------------------------------------------------------------------
+#: Azure ML sets these in every job; either one means its contract (a command job's node).
+AZUREML_MARKERS = ("AZUREML_RUN_ID", "AZUREML_JOB_ID")
+#: Where the model and the checkpoints go (fsspec URIs: abfs://, file://, a path); Azure ML's own variables for
+#: mounted outputs named ``model`` / ``checkpoints`` (``$AZURE_ML_OUTPUT_model``) are read when these are unset.
+ENV_MODEL_DIR = "LLMOPS_MODEL_DIR"
+ENV_CHECKPOINT_DIR = "LLMOPS_CHECKPOINT_DIR"
+_AZUREML_STOP = (
+    "Azure ML stops a job, or preempts a low-priority node, this way",
+    f"the newest complete checkpoint in ${ENV_CHECKPOINT_DIR}",
+)
+
+
+def is_azureml(env: Mapping[str, str]) -> bool:
+    return any(env.get(name) for name in AZUREML_MARKERS)
+
+
+def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name) or ""
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise ContractError(f"{name} must be a whole number, got {text!r}") from None
+
+
+def azureml_cluster(env: Mapping[str, str]) -> Cluster:
+    """The nodes of an Azure ML command job with a PyTorch distribution of one process per instance: node rank
+    ``$NODE_RANK``, nodes ``$AZUREML_NODE_COUNT`` (else ``$WORLD_SIZE``, which one process per node makes equal),
+    the rendezvous host ``$MASTER_ADDR`` (the node of rank 0)."""
+    nnodes = _int_env(env, "AZUREML_NODE_COUNT", _int_env(env, "WORLD_SIZE", 1))
+    rank = _int_env(env, "NODE_RANK", 0)
+    if nnodes < 1 or not 0 <= rank < nnodes:
+        raise ContractError(f"NODE_RANK {rank} is not a node of the job's {nnodes} (AZUREML_NODE_COUNT/WORLD_SIZE)")
+    master = env.get("MASTER_ADDR") or "127.0.0.1"
+    hosts = (master, *(f"node-{i}" for i in range(1, nnodes)))
+    return Cluster(hosts, hosts[rank])
+
+
+def train_azureml(env: Mapping[str, str] | None = None, args: Sequence[str] = ()) -> int:
+    """This node's share of an Azure ML command job; returns the exit code.
+
+    The spec from ``$LLMOPS_SPEC`` (a sweep trial's ``--name=value`` arguments applied), the dataset from
+    ``$LLMOPS_DATASET_URI`` (or the mounted input ``$AZURE_ML_INPUT_dataset``), the nodes from Azure ML's PyTorch
+    variables (:func:`azureml_cluster`); torchrun runs the spec's ``nproc_per_node`` processes per node with the
+    rendezvous at ``$MASTER_ADDR``:``$MASTER_PORT`` (``$LLMOPS_MASTER_*`` win). The model goes to
+    ``$LLMOPS_MODEL_DIR`` from global rank 0, checkpoints to ``$LLMOPS_CHECKPOINT_DIR`` (remote: synced as on
+    Vertex AI, so a preempted low-priority job resumes), the outcome to ``$LLMOPS_RESULT_URI``; the local working
+    folder is ``$LLMOPS_WORK_DIR/node-<rank>`` (default ``<tmp>/llmops-runtime/<$AZUREML_RUN_ID>``)."""
+    env = dict(os.environ if env is None else env)
+    outcome = _VertexOutcome(env)
+    try:
+        cluster = azureml_cluster(env)
+        outcome.chief = cluster.node_rank == 0
+        spec = load_vertex_spec(env, args)
+        where = (
+            env.get(ENV_MASTER_ADDR) or cluster.master_host,
+            _int_env(env, ENV_MASTER_PORT, _int_env(env, "MASTER_PORT", DEFAULT_MASTER_PORT)),
+        )
+        if cluster.nnodes == 1 and not (env.get(ENV_MASTER_PORT) or env.get("MASTER_PORT")):
+            where = ("127.0.0.1", _free_port())
+        interval = _sync_interval(env)
+        run_id = re.sub(r"[^A-Za-z0-9._-]", "_", next((env[m] for m in AZUREML_MARKERS if env.get(m)), "job"))
+        base = Path(env.get(ENV_WORK_DIR) or Path(tempfile.gettempdir()) / "llmops-runtime" / run_id)
+        vjob = VertexJob(
+            base / f"node-{cluster.node_rank}",
+            env.get(ENV_MODEL_DIR) or env.get("AZURE_ML_OUTPUT_model") or None,
+            env.get(ENV_CHECKPOINT_DIR) or env.get("AZURE_ML_OUTPUT_checkpoints") or None,
+        )
+        dataset_uri = env.get(ENV_DATASET_URI) or env.get("AZURE_ML_INPUT_dataset") or spec.dataset_uri
+        if not dataset_uri:
+            raise ContractError(
+                f"no dataset: set {ENV_DATASET_URI} to the prepared dataset's folder (abfs://, file:// or a path)"
+            )
+        dataset = stage_dataset(dataset_uri, vjob.dataset)
+        job = vjob.prepare()
+        sync = None
+        if vjob.checkpoints_remote:
+            assert vjob.checkpoint_dir is not None
+            sync = CheckpointSync(job, vjob.checkpoint_dir, chief=outcome.chief)
+            sync.restore()
+        output = vjob.model_dir or spec.output_uri
+        launch = plan_vertex_launch(spec, cluster, env, dataset=dataset, output=output, rendezvous=where)
+        spec_file = job.root / "spec.json"
+        spec_file.write_text(launch.spec.to_json(indent=2), encoding="utf-8")
+    except (ContractError, OSError) as err:
+        return outcome.failed(str(err), EXIT_BAD_INPUT)
+    argv = torchrun_command(launch, cluster, spec_file, job.root)
+    child_env = {**env, "PYTHONUNBUFFERED": "1"}
+    child_env.setdefault("LLMOPS_RUN_KEY", run_id)  # a resumed job keeps its MLflow run
+    print(
+        f"[runtime] Azure ML node {cluster.node_rank} of {cluster.nnodes}, {launch.nproc} process(es); rendezvous "
+        f"{launch.master_addr}:{launch.master_port}; dataset {launch.spec.dataset_uri}; checkpoints "
+        f"{vjob.checkpoint_dir or job.checkpoints}; model {launch.spec.output_uri or job.model}",
+        flush=True,
+    )
+    print(f"[runtime] {' '.join(argv)}", flush=True)
+    child = _Child(argv, child_env, vjob.log)
+    periodic = _PeriodicSync(sync, interval).start() if sync is not None and interval > 0 else None
+    try:
+        code = child.run()
+    finally:
+        if periodic is not None:
+            periodic.stop()
+        if sync is not None:
+            sync.push_quietly()
+    if child.signalled is not None:
+        return outcome.failed(_failure_message(job, child, code, _AZUREML_STOP), 128 + child.signalled, child.tail)
+    if code != 0:
+        return outcome.failed(_failure_message(job, child, code, _AZUREML_STOP), code, child.tail)
+    status = _read_status(job)
+    if status.get("state") != "succeeded":
+        return outcome.failed(f"training exited with code 0 but its status is {status or 'missing'}", 1, child.tail)
+    return outcome.succeeded(status, env)
+
+
 # ---- serve ----------------------------------------------------------------------------------------------------
 #: A registry URI the server loads at start when the platform put no model files in model/ (SageMaker: a Model
 #: whose container has no ModelDataUrl).
 ENV_MODEL_URI = "LLMOPS_MODEL_URI"
 #: Vertex AI: where it copied the Model's artifactUri (a ``gs://`` folder).
 ENV_AIP_STORAGE_URI = "AIP_STORAGE_URI"
+#: Azure ML: the model folder a deployment serves (``abfs://``, ``file://``; downloaded first when remote).
+ENV_MODEL_STORAGE_URI = "LLMOPS_MODEL_STORAGE_URI"
 
 
 def serve_port(env: Mapping[str, str]) -> str:
@@ -1112,6 +1237,10 @@ def serve_argv(args: Sequence[str], env: Mapping[str, str] | None = None) -> lis
     if not _names_variants(args) and env.get(ENV_AIP_STORAGE_URI):
         name = env.get(ENV_VARIANT_NAME) or DEFAULT_VARIANT_NAME
         return [*argv, "--model", f"{name}={vertex_model(env)}", *args]
+    if not _names_variants(args) and env.get(ENV_MODEL_STORAGE_URI):  # Azure ML: the deployment's model folder
+        name = env.get(ENV_VARIANT_NAME) or DEFAULT_VARIANT_NAME
+        folder = vertex_model({**env, ENV_AIP_STORAGE_URI: env[ENV_MODEL_STORAGE_URI]})
+        return [*argv, "--model", f"{name}={folder}", *args]
     if not _names_variants(args):
         model = OptMl.from_env(env).model
         registry = env.get(ENV_MODEL_URI, "")
@@ -1153,7 +1282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parsed = parser.parse_args(argv)
     if parsed.command == "train":
-        if is_vertex(os.environ):
+        if is_vertex(os.environ) or is_azureml(os.environ):
             return train(args=parsed.args)
         if parsed.args:
             parser.error(f"train takes no arguments (the spec is the hyperparameter {SPEC_HYPERPARAMETER!r})")

@@ -253,8 +253,18 @@ def staged_output(target: ObjectStoragePath, *, prefix: str = "llmops-out-") -> 
 _CLOUD_DEFAULTS = {
     "sagemaker": ("role_arn", "image_uri", "s3_prefix"),
     "vertex": ("project", "region", "image_uri", "staging_uri", "request_response_logging_uri"),
+    "azureml": (
+        "subscription_id",
+        "resource_group",
+        "workspace_name",
+        "compute",
+        "image",
+        "environment",
+        "output_uri",
+        "instance_type",
+    ),
 }
-_CONN_KEYS = {"sagemaker": "aws_conn_id", "vertex": "gcp_conn_id"}
+_CONN_KEYS = {"sagemaker": "aws_conn_id", "vertex": "gcp_conn_id", "azureml": "azure_conn_id"}
 
 
 def cloud_platform_kwargs(

@@ -39,6 +39,7 @@ _BUILTIN = {
     "local": "airflow_llmops.platforms.localhost:LocalHost",
     "sagemaker": "airflow_llmops.platforms.sagemaker:SageMaker",
     "vertex": "airflow_llmops.platforms.vertex:Vertex",
+    "azureml": "airflow_llmops.platforms.azureml:AzureML",
 }
 _registered: dict[str, Callable[..., Any]] = {}
 

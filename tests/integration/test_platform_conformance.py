@@ -154,6 +154,54 @@ def _vertex_case(dataset: Path, standin: Any) -> Case:
     )
 
 
+def _azureml_case(dataset: Path, standin: Any) -> Case:
+    """Azure ML against its stand-in: the real MLClient and MonitorManagementClient over an in-process transport,
+    command jobs running the runtime with Azure ML's distributed environment, deployments served by the real model
+    server, Azure Monitor numbers from the requests routed."""
+    from test_serving_models import build_classifier
+
+    model_uri = build_classifier().resolve().as_uri()
+    settings = {
+        "subscription_id": standin.subscription_id,
+        "resource_group": standin.resource_group,
+        "workspace_name": standin.workspace_name,
+        "compute": "cpu-cluster",
+        "image": "llmops.azurecr.io/llmops/runtime:test",
+        "output_uri": (standin.root / "datastore").as_uri(),
+        "instance_type": "Standard_DS3_v2",
+        "poll_s": 0.2,
+        "wait_timeout_s": 300.0,
+    }
+
+    def spec(**overrides: Any) -> TrainingSpec:
+        return tiny_spec(str(dataset), **overrides)
+
+    def send(handle: EndpointHandle, n: int) -> list[int]:
+        return [standin.score(handle.endpoint_name, {"inputs": f"do you like pizza {i}?"})[0] for i in range(n)]
+
+    return Case(
+        name="azureml",
+        make=lambda root: get_platform("azureml", **settings),
+        spec=spec,
+        model_uri=lambda: model_uri,
+        send=send,
+        stop=lambda platform, endpoint: platform.stop_endpoint(endpoint),
+    )
+
+
+@pytest.fixture(scope="module")
+def azureml(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from standins.azureml import AzureMLStandIn
+
+    with AzureMLStandIn(tmp_path_factory.mktemp("azureml"), container_env={"OMP_NUM_THREADS": "1"}) as standin:
+        standin.install()  # the adapter's clients talk to the stand-in (tests-only hook, no connection)
+        try:
+            yield standin
+        finally:
+            standin.uninstall()
+            assert standin.errors == [], standin.errors
+
+
 @pytest.fixture(scope="module")
 def vertex(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     import json
@@ -200,8 +248,10 @@ def sagemaker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             assert standin.errors == [], standin.errors
 
 
-@pytest.fixture(scope="module", params=["local", "sagemaker", "vertex"])
+@pytest.fixture(scope="module", params=["local", "sagemaker", "vertex", "azureml"])
 def case(request: pytest.FixtureRequest, dataset: Path) -> Case:
+    if request.param == "azureml":
+        return _azureml_case(dataset, request.getfixturevalue("azureml"))
     if request.param == "sagemaker":
         return _sagemaker_case(dataset, request.getfixturevalue("sagemaker"))
     if request.param == "vertex":
