@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from airflow.sdk import DAG, Param
+from airflow.sdk import DAG, AssetAlias, Param
 
 from airflow_llmops.operators import (
     DeployModelOperator,
@@ -24,11 +24,27 @@ from airflow_llmops.operators import (
     ValidateDatasetOperator,
 )
 from airflow_llmops.operators.data import dataset_asset
-from airflow_llmops.operators.registry import model_alias_asset
 from airflow_llmops.schedules import reference_schedule
 
 DATASET = "chatterbot-topics"
 MODEL = "chatterbot-topics-classifier"
+# What the ``task`` Param picks: a dialog generator is its own registered model on its own endpoint (its challenger
+# is never judged against the classifier's champion, nor canaried next to it).
+MODELS = {"classification": MODEL, "causal_lm": "chatterbot-dialog-generator"}
+ENDPOINTS = {"classification": DATASET, "causal_lm": "chatterbot-dialog"}
+
+
+def by_task(values: Mapping[str, str]) -> str:
+    """A template choosing ``values[params.task]`` (the classification value for any other task)."""
+    lm, classifier = values["causal_lm"], values["classification"]
+    return "{{ " + f"{lm!r} if params.task == 'causal_lm' else {classifier!r}" + " }}"
+
+
+def champion_alias(dag_id: str) -> AssetAlias:
+    """The rollout's outlet: its promotion adds an event to ``model_alias_asset(<the task's model>)``."""
+    return AssetAlias(f"llmops-{dag_id}-champion")
+
+
 # Topics of the English corpus with enough distinct utterances to train and evaluate a classifier.
 TOPICS = ",".join(
     (
@@ -229,7 +245,7 @@ def reference_pipeline(
             task_id="evaluate",
             model_uri="{{ ti.xcom_pull(task_ids='quantize')['chosen_model_uri'] }}",
             dataset_uri="{{ ti.xcom_pull(task_ids='validate')['dataset_uri'] }}",
-            registered_model_name=MODEL,
+            registered_model_name=by_task(MODELS),
             min_improvement="{{ params.min_improvement }}",  # type: ignore[arg-type]  # rendered as a number
         )
         register = RegisterModelOperator(
@@ -237,7 +253,7 @@ def reference_pipeline(
             model_uri="{{ ti.xcom_pull(task_ids='quantize')['chosen_model_uri'] }}",
             dataset_uri="{{ ti.xcom_pull(task_ids='validate')['dataset_uri'] }}",
             training_run_id="{{ ti.xcom_pull(task_ids='train')['mlflow_run_id'] }}",
-            registered_model_name=MODEL,
+            registered_model_name=by_task(MODELS),
         )
         # Backfills and older intervals train, evaluate and register, but never touch the live endpoint.
         latest_only = LatestOnlyGateOperator(
@@ -247,7 +263,7 @@ def reference_pipeline(
             task_id="deploy",
             platform="{{ params.platform }}",
             model_uri="{{ ti.xcom_pull(task_ids='register')['uri'] }}",
-            endpoint_name=DATASET,
+            endpoint_name=by_task(ENDPOINTS),
             rollout="{{ ti.xcom_pull(task_ids='plan')['specs']['rollout'] }}",
             platform_options=deploy_options,
             **cloud,
@@ -262,7 +278,7 @@ def reference_pipeline(
             retries=2,
             retry_delay=timedelta(seconds=5),
             retry_exponential_backoff=0,
-            outlets=[model_alias_asset(MODEL)],
+            outlets=[champion_alias(dag_id)],
         )
         plan >> prepare >> validate >> train >> quantize >> evaluate >> register >> latest_only >> deploy >> walk
     return dag

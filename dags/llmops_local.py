@@ -18,6 +18,8 @@ the test split (HTML report) and gates; `register` makes it a version of the MLf
 `chatterbot-topics` next to the serving one, and `rollout` moves traffic by the plan (canary 10 → 50 → 100 % by
 default), judging each step on live p95 latency and error rate, rolls back on a breach, and on success moves the
 `champion` alias (recorded; an event on the Asset `x-llmops://models/chatterbot-topics-classifier/champion`).
+With the Param `task=causal_lm` the same stages train a dialog generator, registered as
+`chatterbot-dialog-generator` and served on the endpoint `chatterbot-dialog` (its own champion and Asset).
 
 The prepared dataset is published as the Asset `x-llmops://datasets/chatterbot-topics`.
 

@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
-from airflow.sdk import Asset, BaseOperator, conf
+from airflow.sdk import Asset, AssetAlias, BaseOperator, conf
 from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 
+from airflow_llmops.operators.registry import model_alias_asset
 from airflow_llmops.operators.training import default_mlflow_tracking_uri
 from airflow_llmops.platforms.base import DeploymentPlatform, EndpointHandle, RolloutRecord
 from airflow_llmops.specs import RolloutPlan
@@ -381,5 +382,7 @@ class RolloutOperator(BaseOperator):
         for outlet in self.outlets:
             if isinstance(outlet, Asset):
                 context["outlet_events"][outlet].extra = {"model": name, **record}
+            elif isinstance(outlet, AssetAlias):  # the model is known only now (e.g. chosen by a Param)
+                context["outlet_events"][outlet].add(model_alias_asset(name), extra={"model": name, **record})
         self.log.info("%s@champion -> version %s", name, version)
         return record

@@ -164,7 +164,9 @@ class HFCausalLM(_NoClassify):
     kind = "causal_lm"
     tasks: frozenset[Task] = frozenset({"generate"})
 
-    def __init__(self, folder: ModelFolder) -> None:
+    def __init__(self, folder: ModelFolder | None, *, loaded: tuple[Any, Any] | None = None) -> None:
+        """From a ``save_pretrained`` folder, or ``loaded=(model, tokenizer)`` already in memory (a quantized
+        artifact's model)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -172,9 +174,13 @@ class HFCausalLM(_NoClassify):
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
         self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder.tokenizer_path), local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(str(folder.path), local_files_only=True)
-        self.model.eval()  # type: ignore[no-untyped-call]
+        if loaded is not None:
+            self.model, self.tokenizer = loaded
+        else:
+            assert folder is not None
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder.tokenizer_path), local_files_only=True)
+            self.model = AutoModelForCausalLM.from_pretrained(str(folder.path), local_files_only=True)
+        self.model.eval()
         config = self.model.config
         context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         self.context = int(context or 1024)
@@ -316,12 +322,23 @@ def _quantized_task(folder: ModelFolder) -> str | None:
 
 def _load_quantized(folder: ModelFolder) -> ServedModel:
     task = _quantized_task(folder)
-    if task != "classification":
-        raise ModelLoadError(f"{folder.path}: serving quantized {task!r} artifacts is not supported yet")
     try:
-        return QuantizedClassifier(folder)
-    except ImportError as err:
-        raise ModelLoadError(f"{folder.path}: cannot load the quantized artifact ({err})") from None
+        if task == "classification":
+            return QuantizedClassifier(folder)
+        if task == "causal_lm":  # a quantized torch module: generated from like the full-precision one
+            from airflow_llmops.ml.quantization.predictors import TorchPredictor, load_predictor
+
+            predictor = load_predictor(folder.path)
+            if isinstance(predictor, TorchPredictor):
+                return HFCausalLM(None, loaded=(predictor.model, predictor.tokenizer))
+            raise ModelLoadError(
+                f"{folder.path}: a {predictor.method} causal LM cannot generate here (only torch artifacts can)"
+            )
+    except ModelLoadError:
+        raise
+    except Exception as err:  # the quantization package's errors, a missing runtime, unreadable files
+        raise ModelLoadError(f"{folder.path}: cannot load the quantized {task!r} artifact ({err})") from None
+    raise ModelLoadError(f"{folder.path}: serving quantized {task!r} artifacts is not supported")
 
 
 _LOADERS: list[Loader] = [
