@@ -28,10 +28,36 @@ if TYPE_CHECKING:
 
 
 _YEAR = re.compile(r"^\d{4}$")
+_FORMATS = ("sagemaker", "vertex", "azureml")
+_TITLES = {
+    "sagemaker": "SageMaker Data Capture",
+    "vertex": "Vertex AI request-response log",
+    "azureml": "Azure ML data collection",
+}
+_COLLECTIONS = frozenset({"request", "response"})  # Azure ML's payload-logging collections
+
+
+def _folders(root: ObjectStoragePath) -> list[ObjectStoragePath]:
+    try:
+        return [child for child in root.iterdir() if child.is_dir()]
+    except FileNotFoundError:
+        return []
+
+
+def _remote_format(root: ObjectStoragePath, children: list[ObjectStoragePath]) -> str:
+    """Azure ML's collections (``<deployment>/request|response/...``), Data Capture (other folders) or a flat
+    export of Vertex's logging table."""
+    names = {c.name for c in children}
+    if names & _COLLECTIONS or any({g.name for g in _folders(c)} & _COLLECTIONS for c in children[:3]):
+        return "azureml"
+    return "sagemaker" if children else "vertex"
+
+
 _NO_LATENCY = {
     "sagemaker": "SageMaker Data Capture records no latency: skipped (see CloudWatch ModelLatency)",
     "vertex": "Vertex AI request-response logging records no latency: skipped (see Cloud Monitoring "
     "prediction_latencies)",
+    "azureml": "Azure ML data collection records no latency: skipped (see Azure Monitor RequestLatency)",
 }
 
 
@@ -102,8 +128,12 @@ class DriftCheckOperator(LLMOpsBaseOperator):
         the cooldown state defaults to ``<artifact_root>/drift-state.json``. Vertex AI request-response logging:
         the folder its BigQuery table was exported to as JSON (:mod:`airflow_llmops.ml.drift.vertex_log`), also
         without latency.
-    :param capture_format: ``sagemaker``, ``vertex`` or ``auto`` (templated; default): a folder with sub-folders
-        is Data Capture, flat JSON files are read by their first line.
+        Azure ML data collection: the folder of an endpoint's (or a deployment's) collections
+        (``.../modelDataCollector/<endpoint>``: ``<deployment>/request|response/yyyy/MM/dd/HH/*.jsonl``;
+        :mod:`airflow_llmops.ml.drift.azureml_collect`), also without latency.
+    :param capture_format: ``sagemaker``, ``vertex``, ``azureml`` or ``auto`` (templated; default): locally the
+        first line of the first file says; remotely ``request``/``response`` folders are Azure ML's, other folders
+        Data Capture, flat JSON files Vertex's export.
     :param endpoint_name: a local endpoint whose log to read when ``request_log_uri`` is not given (templated):
         ``<[llmops] local_endpoints_root>/<endpoint_name>/requests``.
     :param policy: :class:`DriftPolicy`, a mapping or JSON of one (templated).
@@ -222,64 +252,80 @@ class DriftCheckOperator(LLMOpsBaseOperator):
         return True
 
     def _capture_window(self, workdir: Path, start: float, end: float) -> CaptureWindow:
-        """The window's Data Capture records; from a remote store, only the window's hour folders are staged."""
-        from airflow_llmops.ml.drift import read_capture_window
-        from airflow_llmops.ml.drift.capture import SUFFIX, hour_prefixes
-
+        """The window's records from the platform's own capture; from a remote store, only the window's hour
+        folders are staged (Data Capture, Azure ML's collections)."""
         uri = str(self.capture_uri).rstrip("/")
         fmt = str(self.capture_format or "auto").lower()
-        if fmt not in ("auto", "sagemaker", "vertex"):
-            raise AirflowFailException(f"{self.task_id}: capture_format is auto, sagemaker or vertex, not {fmt!r}")
+        if fmt not in ("auto", *_FORMATS):
+            raise AirflowFailException(f"{self.task_id}: capture_format is auto, {', '.join(_FORMATS)}, not {fmt!r}")
         if not is_remote(uri):
             local = stage_in(uri)
             if fmt == "auto":
-                from airflow_llmops.ml.drift.vertex_log import detect_format
+                from airflow_llmops.ml.drift.capture import detect_format
 
                 fmt = detect_format(local)
             self._format = fmt
-            return self._read_vertex(local, start, end) if fmt == "vertex" else read_capture_window(local, start, end)
+            return self._read(fmt, local, start, end)
         conn = self.artifact_connection()
         root = as_storage_path(uri, conn)
-        try:
-            children = [child for child in root.iterdir() if child.is_dir()]
-        except FileNotFoundError:
-            children = []
-        if fmt == "auto":  # Data Capture is always in folders; an export of the logging table is flat files
-            fmt = "sagemaker" if children else "vertex"
+        children = _folders(root)
+        if fmt == "auto":
+            fmt = _remote_format(root, children)
         self._format = fmt
-        if fmt == "vertex":
-            return self._read_vertex(stage_in(uri, conn), start, end)
-        if any(_YEAR.match(child.name) for child in children):  # a variant's folder: yyyy/mm/dd/hh below it
-            variants = {root.name: uri}
+        if fmt == "vertex":  # an export of the logging table: flat files, staged whole
+            return self._read(fmt, stage_in(uri, conn), start, end)
+        hours: dict[str, str] = {}  # local folder -> remote folder holding yyyy/mm/dd/hh
+        if fmt == "azureml":
+            deployments = (
+                {root.name: uri}
+                if _COLLECTIONS & {c.name for c in children}
+                else {child.name: f"{uri}/{child.name}" for child in children}
+            )
+            for name, deployment_uri in deployments.items():
+                for collection in sorted(_COLLECTIONS):
+                    hours[f"{name}/{collection}"] = f"{deployment_uri}/{collection}"
+            until = end + 3600  # a response may be written into the next hour's folder
         else:
-            variants = {child.name: f"{uri}/{child.name}" for child in children}
-        local = workdir / "capture"
+            if any(_YEAR.match(child.name) for child in children):  # a variant's folder: yyyy/mm/dd/hh below it
+                hours = {root.name: uri}
+            else:
+                hours = {child.name: f"{uri}/{child.name}" for child in children}
+            until = end
+        local = self._stage_hours(workdir / "capture", hours, start, until, conn)
+        return self._read(fmt, local, start, end)
+
+    def _stage_hours(self, local: Path, hours: Mapping[str, str], start: float, end: float, conn: str | None) -> Path:
+        """Links to the ``*.jsonl`` files of the hour folders of ``[start, end)`` under each remote folder."""
+        from airflow_llmops.ml.drift.capture import SUFFIX, hour_prefixes
+
         staged = 0
-        for variant, variant_uri in sorted(variants.items()):
+        for name, remote in sorted(hours.items()):
             for prefix in hour_prefixes(start, end):
                 try:
-                    folder = stage_in(f"{variant_uri}/{prefix}", conn)
+                    folder = stage_in(f"{remote}/{prefix}", conn)
                 except FileNotFoundError:  # no traffic captured in that hour
                     continue
-                target = local / variant / prefix
+                target = local / name / prefix
                 target.mkdir(parents=True, exist_ok=True)
                 for file in folder.glob(f"*{SUFFIX}"):
                     (target / file.name).symlink_to(file)
                 staged += 1
-        self.log.info(
-            "Data Capture: %d hour folder(s) of %d variant(s) %s staged from %s",
-            staged,
-            len(variants),
-            sorted(variants),
-            uri,
-        )
-        return read_capture_window(local, start, end)
+        self.log.info("%d hour folder(s) of %s staged from %s", staged, sorted(hours), self.capture_uri)
+        local.mkdir(parents=True, exist_ok=True)
+        return local
 
-    def _read_vertex(self, folder: Path, start: float, end: float) -> CaptureWindow:
-        from airflow_llmops.ml.drift import read_vertex_log_window
+    def _read(self, fmt: str, folder: Path, start: float, end: float) -> CaptureWindow:
+        from airflow_llmops.ml.drift import read_capture_window, read_vertex_log_window
+        from airflow_llmops.ml.drift.azureml_collect import read_collected_window
 
-        window = read_vertex_log_window(folder, start, end)
-        self.log.info("Vertex AI request-response log: %d file(s) read from %s", window.files_read, self.capture_uri)
+        window: CaptureWindow
+        if fmt == "vertex":
+            window = read_vertex_log_window(folder, start, end)
+        elif fmt == "azureml":
+            window = read_collected_window(folder, start, end)
+        else:
+            window = read_capture_window(folder, start, end)
+        self.log.info("%s: %d file(s) read from %s", _TITLES[fmt], window.files_read, self.capture_uri)
         return window
 
     def _window_end(self, context: Context) -> float:

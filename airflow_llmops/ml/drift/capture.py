@@ -349,3 +349,23 @@ def read_capture_window(
         files_read=files,
         malformed_examples=tuple(malformed[:5]),
     )
+
+
+def detect_format(folder: str | Path) -> str:
+    """Which platform's capture a local folder holds, by the first non-empty line of its first JSON file:
+    ``azureml`` (an ``azureml.inference.*`` event), ``vertex`` (a request-response logging row) or ``sagemaker``
+    (Data Capture, and the default)."""
+    import gzip
+
+    root = Path(str(folder).removeprefix("file://"))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and ".json" in p.name) if root.is_dir() else [root]
+    for path in files:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if not line.strip():
+                    continue
+                if '"azureml.inference.' in line:
+                    return "azureml"
+                return "vertex" if '"request_payload"' in line else "sagemaker"
+    return "sagemaker"

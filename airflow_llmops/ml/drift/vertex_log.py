@@ -191,14 +191,3 @@ def read_vertex_log_window(
         files_read=len(files),
         malformed_examples=tuple(malformed[:5]),
     )
-
-
-def detect_format(folder: str | Path) -> str:
-    """``"vertex"`` when the first non-empty line of the folder's first JSON file is a request-response logging
-    row, else ``"sagemaker"`` (Data Capture)."""
-    for path in log_files(folder):
-        with _open(path) as lines:
-            for line in lines:
-                if line.strip():
-                    return "vertex" if '"request_payload"' in line else "sagemaker"
-    return "sagemaker"

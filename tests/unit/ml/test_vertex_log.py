@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from airflow_llmops.ml.drift.capture import MalformedRecord
+from airflow_llmops.ml.drift.capture import MalformedRecord, detect_format
 from airflow_llmops.ml.drift.inputs import WINDOW_COLUMNS
 from airflow_llmops.ml.drift.vertex_log import (
-    detect_format,
     logging_time,
     read_vertex_log,
     read_vertex_log_window,
