@@ -252,6 +252,25 @@ def test_credentials_and_the_workspace_come_from_the_airflow_connection(monkeypa
     assert managed.workspace == (SUB, "rg", "ws-1")
 
 
+def test_an_azure_connection_as_the_microsoft_azure_provider_saves_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provider's ``azure`` connection type: client id and secret as login and password, ``tenantId`` and
+    ``subscriptionId`` from its form, the resource group and workspace added to the extra."""
+    require_module("azure.identity")
+    from azure.identity import ClientSecretCredential, DefaultAzureCredential
+
+    extra = {"tenantId": "t-1", "subscriptionId": SUB, "resource_group": "conn-rg", "workspace_name": "conn-ws"}
+    conn = {"conn_type": "azure", "login": "client-1", "password": "secret-1", "extra": extra}
+    monkeypatch.setenv("AIRFLOW_CONN_AZURE_ML_DEFAULT", json.dumps(conn))
+    platform = get_platform("azureml")  # azure_conn_id defaults to azure_ml_default
+    assert isinstance(platform._client_kwargs()["credential"], ClientSecretCredential)
+    assert platform.workspace == (SUB, "conn-rg", "conn-ws")
+    mi = {"subscriptionId": SUB, "managed_identity_client_id": "mi-1", "workload_identity_tenant_id": "t-2"}
+    monkeypatch.setenv("AIRFLOW_CONN_AZURE_ML_DEFAULT", json.dumps({"conn_type": "azure", "extra": mi}))
+    managed = get_platform("azureml", resource_group="rg", workspace_name="ws-1")
+    assert isinstance(managed._client_kwargs()["credential"], DefaultAzureCredential)
+    assert managed.workspace == (SUB, "rg", "ws-1")
+
+
 @pytest.mark.parametrize(
     ("status", "refused"), [(400, True), (403, True), (404, False), (409, False), (429, False), (503, False)]
 )

@@ -103,7 +103,8 @@ class AzureML:
 
         def pick(*names: str) -> str | None:
             for name in names:
-                value = extra.get(name) or extra.get(f"extra__azure_ml__{name}")
+                # Plain keys, as the connection form saves them; the prefixed forms of older connections.
+                value = extra.get(name) or extra.get(f"extra__azure__{name}") or extra.get(f"extra__azure_ml__{name}")
                 if value:
                     return str(value)
             return None
@@ -118,7 +119,10 @@ class AzureML:
         else:
             from azure.identity import DefaultAzureCredential
 
-            credential = DefaultAzureCredential(managed_identity_client_id=pick("managed_identity_client_id"))
+            credential = DefaultAzureCredential(
+                managed_identity_client_id=pick("managed_identity_client_id"),
+                workload_identity_tenant_id=pick("workload_identity_tenant_id"),
+            )
         return {
             "credential": credential,
             "subscription_id": pick("subscription_id", "subscriptionId"),
