@@ -1,7 +1,7 @@
 """Azure ML's own pieces against the stand-in, beyond the conformance suite: a two-node low-priority command job
 (the runtime under Azure ML's PyTorch environment) preempted and resumed from its checkpoint; a shadow through
 ``mirror_traffic`` (Azure's limits checked by the service too), autoscaling as an Azure Monitor autoscale setting,
-and a failing deployment's errors in Azure Monitor."""
+a failing deployment's errors in Azure Monitor, and data collection's payload logging read back as drift input."""
 
 from __future__ import annotations
 
@@ -83,6 +83,15 @@ def test_shadow_autoscaling_and_errors_in_azure_monitor(standin: Any) -> None:
     rows = {m.variant: m for m in platform.read_metrics(shadow, variants=["blue", "green"], since=before)}
     assert rows["blue"].requests == 30 and rows["blue"].errors == 0 and rows["blue"].p95_latency_ms
     assert 0 < rows["green"].requests < 30 and rows["green"].errors == rows["green"].requests
+    # Payload logging: every request the deployments saw, joined with its answer (a drift check's input)
+    from airflow_llmops.ml.drift.azureml_collect import read_collected_window
+
+    window = read_collected_window(standin.collected_folder("shadowed"), before, time.time() + 1)
+    served = window.data[window.data["variant"] == "blue"]
+    assert len(served) == 30 and served["output"].notna().all() and window.corrupt_lines == 0
+    assert set(served["input"]) == {f"do you like pizza {i}?" for i in range(30)}
+    mirrored = window.data[window.data["variant"] == "green"]  # the failing shadow: requests, no answers
+    assert len(mirrored) == rows["green"].requests and mirrored["output"].isna().all()
 
     platform.finish(shadow, new_variant="green", keep_new=False)  # the shadow goes, the serving split stays
     assert platform.get_traffic(first) == {"blue": 100.0}

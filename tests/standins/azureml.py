@@ -1310,7 +1310,51 @@ class AzureMLStandIn:
                 status, answer = 502, {"message": f"upstream error: {err}"}
         with self._lock:
             self._requests.append(_Request(endpoint.lower(), deployment, status, start, time.time(), mirrored))
+        self._collect(endpoint, deployment, body, status, answer, start)
         return status, answer
+
+    def collected_folder(self, endpoint: str) -> Path:
+        """Where data collection's payload logging writes an endpoint's requests and responses (the workspace's
+        default datastore's ``modelDataCollector/<endpoint>``)."""
+        return self.root / "datastore" / "modelDataCollector" / endpoint.lower()
+
+    def _collect(self, endpoint: str, deployment: str, body: bytes, status: int, answer: Any, start: float) -> None:
+        """Payload logging: one ``azureml.inference.request`` and, for an answered request, one ``...response``
+        CloudEvent line in the collections the deployment enabled, under the hour folder of when it was written."""
+        rid = f"{self._endpoint_id(endpoint)}/deployments/{deployment}"
+        with self._lock:
+            resource = self._resources.get(rid.lower())
+        collections = ((resource or {}).get("properties", {}).get("dataCollector") or {}).get("collections") or {}
+
+        def enabled(name: str) -> bool:
+            mode = str((collections.get(name) or {}).get("dataCollectionMode") or "").lower()
+            return mode == "enabled"
+
+        correlation = str(uuid.uuid4())
+        events = [("request", start, _json_or_text(body))]
+        if 200 <= status < 300:
+            events.append(("response", time.time(), answer))
+        for kind, at, data in events:
+            if not enabled(kind):
+                continue
+            stamp = datetime.fromtimestamp(at, tz=timezone.utc)
+            folder = self.collected_folder(endpoint) / deployment / kind / stamp.strftime("%Y/%m/%d/%H")
+            folder.mkdir(parents=True, exist_ok=True)
+            line = {
+                "specversion": "1.0",
+                "id": str(uuid.uuid4()),
+                "source": f"{rid}",
+                "type": f"azureml.inference.{kind}",
+                "datacontenttype": "application/json",
+                "time": stamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "data": data,
+                "path": "/invocations",
+                "method": "POST",
+                "correlationid": correlation,
+                "xrequestid": correlation,
+            }
+            with self._lock, (folder / "stand-in.jsonl").open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(line) + "\n")
 
     # -- Azure Monitor ---------------------------------------------------------------------------------------------
     def _metrics(self, resource_id: str, query: Mapping[str, list[str]]) -> dict[str, Any]:

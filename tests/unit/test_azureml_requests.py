@@ -153,7 +153,7 @@ def test_a_deployment_serves_the_runtime_with_data_collection_and_scale_settings
     assert (
         env["LLMOPS_REQUEST_LOG_SHIP_URI"] == "abfs://llmops@acct.dfs.core.windows.net/llmops/endpoints/chat/requests"
     )
-    assert body["data_collector"] == {"collections": {"model_inputs": True, "model_outputs": True}}
+    assert body["data_collector"] == {"collections": {"request": True, "response": True}}
     assert R.deployment_name("blue-v2") == "blue-v2"
     registry = R.online_deployment("chat", "v3", "models:/chat/3", plan, settings=SETTINGS)
     assert registry["environment_variables"]["LLMOPS_MODEL_URI"] == "models:/chat/3"
@@ -182,13 +182,13 @@ def test_the_sdk_builds_the_deployment_we_describe() -> None:
     body = R.online_deployment("chat", "v1", "abfs://llmops@acct.dfs.core.windows.net/m/1", scaled, settings=SETTINGS)
     entity = azureml_adapter.AzureML(**SETTINGS.__dict__)._deployment_entity(body)
     entity.environment = "/subscriptions/x/environments/e/versions/1"  # the SDK registers an inline one first
-    entity.data_collector.collections["model_inputs"].data = "/subscriptions/x/data/d/versions/1"
-    entity.data_collector.collections["model_outputs"].data = "/subscriptions/x/data/e/versions/1"
+    entity.data_collector.collections["request"].data = "/subscriptions/x/data/d/versions/1"
+    entity.data_collector.collections["response"].data = "/subscriptions/x/data/e/versions/1"
     rest = entity._to_rest_object(location="eastus").as_dict()
     props = rest["properties"]
     assert props["scaleSettings"] == {"scaleType": "Default"} and rest["sku"]["capacity"] == 2
     assert props["instanceType"] == "Standard_DS3_v2" and props["environmentVariables"]["LLMOPS_VARIANT_NAME"] == "v1"
-    assert props["dataCollector"]["collections"]["model_inputs"]["dataCollectionMode"].lower() == "enabled"
+    assert props["dataCollector"]["collections"]["request"]["dataCollectionMode"].lower() == "enabled"
 
 
 def test_traffic_takes_whole_percents_summing_to_100_and_one_mirror_up_to_half() -> None:

@@ -350,7 +350,8 @@ def online_deployment(
         "tags": {**settings.tags, TAG_ENDPOINT: endpoint, TAG_VARIANT: variant, TAG_SOURCE: source_tag(model_uri)},
     }
     if settings.data_collection:
-        body["data_collector"] = {"collections": {"model_inputs": True, "model_outputs": True}}
+        # Payload logging (the HTTP requests and responses): a custom container runs no collection SDK of its own.
+        body["data_collector"] = {"collections": {"request": True, "response": True}}
     return body
 
 
