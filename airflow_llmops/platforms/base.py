@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
@@ -313,3 +315,42 @@ def validate_weights(weights: Mapping[str, float]) -> dict[str, float]:
     if abs(total - 100.0) > 1e-6:
         raise ValueError(f"traffic weights must sum to 100, got {dict(weights)} (sum {total:g})")
     return {k: float(v) for k, v in weights.items()}
+
+
+# -- records on an object store (the cloud adapters keep them next to their jobs and endpoints) --------------------
+def _fs(uri: str) -> tuple[Any, str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def read_json_uri(uri: str) -> dict[str, Any]:
+    """The JSON object at ``uri`` (a path, ``file://``, ``gs://``, ``abfs://``...; read with fsspec); ``{}`` when it
+    is missing or unreadable (e.g. a job's result record not written yet)."""
+    try:
+        fs, path = _fs(uri)
+        with fs.open(path, "r") as fh:
+            loaded = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return dict(loaded) if isinstance(loaded, dict) else {}
+
+
+def load_rollout_record(uri: str) -> RolloutRecord | None:
+    """The rollout record stored at ``uri`` (``None``: no rollout yet)."""
+    fs, path = _fs(uri)
+    try:
+        with fs.open(path, "r") as fh:
+            return RolloutRecord.from_dict(json.load(fh))
+    except FileNotFoundError:
+        return None
+
+
+def save_rollout_record(uri: str, record: RolloutRecord) -> None:
+    """Store ``record`` at ``uri`` (stamped with the time)."""
+    record.updated_at = time.time()
+    fs, path = _fs(uri)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as fh:
+        fh.write(json.dumps(record.to_dict(), indent=2, sort_keys=True))

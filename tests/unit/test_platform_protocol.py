@@ -90,3 +90,20 @@ class _FakeLocal:
 def test_protocols_are_structural():
     assert isinstance(_FakeLocal(), TrainingPlatform)
     assert not isinstance(_FakeLocal(), DeploymentPlatform)
+
+
+def test_rollout_records_and_results_on_an_object_store(tmp_path):
+    from airflow_llmops.platforms import RolloutRecord
+    from airflow_llmops.platforms.base import load_rollout_record, read_json_uri, save_rollout_record
+
+    uri = (tmp_path / "endpoints" / "chat" / "rollout.json").as_uri()
+    assert load_rollout_record(uri) is None  # no rollout yet
+    record = RolloutRecord(
+        rollout_id="r1", variant="v3", model_uri="models:/m/3", previous={"v2": 100.0}, plan={}, message="step 1"
+    )
+    save_rollout_record(uri, record)
+    loaded = load_rollout_record(uri)
+    assert loaded is not None and loaded.variant == "v3" and loaded.updated_at == record.updated_at > 0
+    assert read_json_uri(uri)["previous"] == {"v2": 100.0}
+    (tmp_path / "broken.json").write_text("{not json")
+    assert read_json_uri((tmp_path / "broken.json").as_uri()) == {} == read_json_uri(str(tmp_path / "missing.json"))

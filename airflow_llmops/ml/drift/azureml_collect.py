@@ -19,7 +19,6 @@ JSON, no time, a payload kept in a separate blob: ``datainblob``) are skipped an
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -32,10 +31,13 @@ from airflow_llmops.ml.drift.capture import (
     MalformedRecord,
     capture_files,
     parse_time,
+    parsed_lines,
+    request_base,
     request_texts,
     response_answers,
+    text_records,
+    window_of,
 )
-from airflow_llmops.ml.drift.inputs import WINDOW_COLUMNS, window_row
 
 REQUEST, RESPONSE = "request", "response"
 ENDPOINT = "/score"
@@ -122,21 +124,8 @@ def _events(
     for path, deployment in _collection_files(source, since, until):
         if on_file is not None:
             on_file(path)
-        try:
-            handle = path.open(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            continue
-        with handle as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    event = parse_event(line, deployment=deployment)
-                except MalformedRecord as err:
-                    if on_malformed is not None:
-                        on_malformed(path, number, str(err))
-                    continue
-                (requests if event.kind == REQUEST else responses)[event.correlation] = event
+        for event in parsed_lines(path, lambda line: parse_event(line, deployment=deployment), on_malformed):  # noqa: B023
+            (requests if event.kind == REQUEST else responses)[event.correlation] = event
     return requests, responses
 
 
@@ -146,21 +135,8 @@ def _records(key: str, request: Event, response: Event | None) -> list[dict[str,
         answers = response_answers(response.data) if response is not None else []
     except MalformedRecord:
         answers = []
-    base = {
-        "ts": request.ts,
-        "time": dt.datetime.fromtimestamp(request.ts, tz=dt.timezone.utc).isoformat(),
-        "request_id": key,
-        "variant": request.deployment,
-        "shadow": False,
-        "endpoint": request.path,
-        "status": 200 if response is not None else 0,
-        "latency_ms": None,
-    }
-    out = []
-    for i, text in enumerate(texts):
-        output, score = answers[i] if i < len(answers) else (None, None)
-        out.append({**base, "index": i, "input": text, "output": output, "score": score})
-    return out
+    status = 200 if response is not None else 0
+    return text_records(request_base(request.ts, key, request.deployment, request.path, status), texts, answers)
 
 
 def read_collected(
@@ -189,27 +165,9 @@ def read_collected(
 def read_collected_window(source: str | Path | Iterable[str | Path], start: float, end: float) -> CaptureWindow:
     """The requests of ``[start, end)`` in Azure ML's collected payloads as a drift window: the same rows as
     :func:`~.inputs.read_window` gives for the request log; malformed lines in ``corrupt_lines``."""
-    import pandas as pd
+    opened: list[Path] = []
 
-    malformed: list[str] = []
-    files = 0
+    def read(bad: MalformedCallback) -> Iterable[dict[str, Any]]:
+        return read_collected(source, since=start, until=end, on_malformed=bad, on_file=opened.append)
 
-    def bad(path: Path, line: int, reason: str) -> None:
-        malformed.append(f"{path.name}:{line}: {reason}")
-
-    def opened(_path: Path) -> None:
-        nonlocal files
-        files += 1
-
-    rows = [
-        window_row(record)
-        for record in read_collected(source, since=start, until=end, on_malformed=bad, on_file=opened)
-    ]
-    return CaptureWindow(
-        data=pd.DataFrame(rows, columns=WINDOW_COLUMNS),
-        start=start,
-        end=end,
-        corrupt_lines=len(malformed),
-        files_read=files,
-        malformed_examples=tuple(malformed[:5]),
-    )
+    return window_of(read, start, end, lambda: len(opened))

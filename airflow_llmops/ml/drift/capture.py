@@ -38,7 +38,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from airflow_llmops.ml.drift.inputs import WINDOW_COLUMNS, Window, window_row
 
@@ -52,6 +52,7 @@ _DIGITS = (re.compile(r"^\d{4}$"), re.compile(r"^\d{2}$"), re.compile(r"^\d{2}$"
 _FRACTION = re.compile(r"(\.\d+)")
 
 MalformedCallback = Callable[[Path, int, str], None]
+T = TypeVar("T")
 
 
 class MalformedRecord(ValueError):
@@ -239,6 +240,78 @@ def response_answers(body: Any) -> list[tuple[Any, float | None]]:
     return [_answer(item) for item in items]
 
 
+def text_records(
+    base: Mapping[str, Any], texts: list[str], answers: list[tuple[Any, float | None]]
+) -> list[dict[str, Any]]:
+    """One request-log record per input text of a request (``base``: its time, id, variant, status...), each with
+    its answer (output, score) where the response had one."""
+    out = []
+    for i, text in enumerate(texts):
+        output, score = answers[i] if i < len(answers) else (None, None)
+        out.append({**base, "index": i, "input": text, "output": output, "score": score})
+    return out
+
+
+def request_base(ts: float, request_id: str, variant: str, endpoint: str, status: int = 200) -> dict[str, Any]:
+    """The fields every record of one captured request shares (no latency: the platforms' captures have none)."""
+    return {
+        "ts": ts,
+        "time": dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat(),
+        "request_id": request_id,
+        "variant": variant,
+        "shadow": False,
+        "endpoint": endpoint,
+        "status": status,
+        "latency_ms": None,
+    }
+
+
+def parsed_lines(
+    path: Path,
+    parse: Callable[[str], T],
+    on_malformed: MalformedCallback | None,
+    opener: Callable[[Path], Any] | None = None,
+) -> Iterator[T]:
+    """``parse(line)`` of each non-empty line of ``path`` (a missing file: nothing); a line it refuses with
+    :class:`MalformedRecord` goes to ``on_malformed(path, line_number, reason)`` and is skipped."""
+    try:
+        handle = (opener or (lambda p: p.open(encoding="utf-8", errors="replace")))(path)
+    except FileNotFoundError:
+        return
+    with handle as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                yield parse(line)
+            except MalformedRecord as err:
+                if on_malformed is not None:
+                    on_malformed(path, number, str(err))
+
+
+def window_of(
+    read: Callable[[MalformedCallback], Iterable[dict[str, Any]]], start: float, end: float, files: Callable[[], int]
+) -> CaptureWindow:
+    """A drift window of the records ``read(on_malformed)`` yields; the malformed lines counted with their reasons,
+    ``files()`` (asked after reading) the files read."""
+    import pandas as pd
+
+    malformed: list[str] = []
+
+    def bad(path: Path, line: int, reason: str) -> None:
+        malformed.append(f"{path.name}:{line}: {reason}")
+
+    rows = [window_row(record) for record in read(bad)]
+    return CaptureWindow(
+        data=pd.DataFrame(rows, columns=WINDOW_COLUMNS),
+        start=start,
+        end=end,
+        corrupt_lines=len(malformed),
+        files_read=files(),
+        malformed_examples=tuple(malformed[:5]),
+    )
+
+
 def capture_records(line: str, *, variant: str) -> list[dict[str, Any]]:
     """The request-log records of one Data Capture line (one per input text).
 
@@ -262,21 +335,8 @@ def capture_records(line: str, *, variant: str) -> list[dict[str, Any]]:
             answers = response_answers(decode_body(response, "endpointOutput"))
         except MalformedRecord:
             answers = []  # the inputs still count for the input checks; the prediction check sees no output
-    base = {
-        "ts": ts,
-        "time": dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat(),
-        "request_id": str(meta.get("eventId") or meta.get("inferenceId") or ""),
-        "variant": variant,
-        "shadow": False,
-        "endpoint": ENDPOINT,
-        "status": 200,
-        "latency_ms": None,
-    }
-    out = []
-    for i, text in enumerate(texts):
-        output, score = answers[i] if i < len(answers) else (None, None)
-        out.append({**base, "index": i, "input": text, "output": output, "score": score})
-    return out
+    request_id = str(meta.get("eventId") or meta.get("inferenceId") or "")
+    return text_records(request_base(ts, request_id, variant, ENDPOINT), texts, answers)
 
 
 def read_capture(
@@ -294,23 +354,10 @@ def read_capture(
     for file in capture_files(source, since=since, until=until, variant=variant):
         if on_file is not None:
             on_file(file)
-        try:
-            handle = file.path.open(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            continue
-        with handle as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records = capture_records(line, variant=file.variant)
-                except MalformedRecord as err:
-                    if on_malformed is not None:
-                        on_malformed(file.path, number, str(err))
-                    continue
-                for record in records:
-                    if (since is None or record["ts"] >= since) and (until is None or record["ts"] < until):
-                        yield record
+        for records in parsed_lines(file.path, lambda line: capture_records(line, variant=file.variant), on_malformed):  # noqa: B023
+            for record in records:
+                if (since is None or record["ts"] >= since) and (until is None or record["ts"] < until):
+                    yield record
 
 
 @dataclass
@@ -325,30 +372,12 @@ def read_capture_window(
 ) -> CaptureWindow:
     """The requests of ``[start, end)`` in Data Capture files as a drift window: the same rows as
     :func:`~.inputs.read_window` gives for the request log; malformed lines in ``corrupt_lines``."""
-    import pandas as pd
+    opened: list[CaptureFile] = []
 
-    malformed: list[str] = []
-    files = 0
+    def read(bad: MalformedCallback) -> Iterable[dict[str, Any]]:
+        return read_capture(source, since=start, until=end, variant=variant, on_malformed=bad, on_file=opened.append)
 
-    def bad(path: Path, line: int, reason: str) -> None:
-        malformed.append(f"{path.name}:{line}: {reason}")
-
-    def opened(_file: CaptureFile) -> None:
-        nonlocal files
-        files += 1
-
-    rows = [
-        window_row(record)
-        for record in read_capture(source, since=start, until=end, variant=variant, on_malformed=bad, on_file=opened)
-    ]
-    return CaptureWindow(
-        data=pd.DataFrame(rows, columns=WINDOW_COLUMNS),
-        start=start,
-        end=end,
-        corrupt_lines=len(malformed),
-        files_read=files,
-        malformed_examples=tuple(malformed[:5]),
-    )
+    return window_of(read, start, end, lambda: len(opened))
 
 
 def detect_format(folder: str | Path) -> str:

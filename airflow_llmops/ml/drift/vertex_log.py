@@ -19,7 +19,6 @@ cannot be used is skipped and counted (``corrupt_lines``), never dropped silentl
 
 from __future__ import annotations
 
-import datetime as dt
 import gzip
 import json
 from collections.abc import Iterable, Iterator, Mapping
@@ -31,10 +30,13 @@ from airflow_llmops.ml.drift.capture import (
     MalformedCallback,
     MalformedRecord,
     parse_time,
+    parsed_lines,
+    request_base,
     request_texts,
     response_answers,
+    text_records,
+    window_of,
 )
-from airflow_llmops.ml.drift.inputs import WINDOW_COLUMNS, window_row
 
 SUFFIXES = (".json", ".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".ndjson.gz")
 ENDPOINT = "/predict"
@@ -96,21 +98,8 @@ def vertex_log_records(line: str, *, variants: Mapping[str, str] | None = None) 
     except MalformedRecord:
         answers = []
     dmid = str(row.get("deployed_model_id") or "")
-    base = {
-        "ts": ts,
-        "time": dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat(),
-        "request_id": str(row.get("request_id") or ""),
-        "variant": (variants or {}).get(dmid, dmid),
-        "shadow": False,
-        "endpoint": ENDPOINT,
-        "status": 200,
-        "latency_ms": None,
-    }
-    out = []
-    for i, text in enumerate(texts):
-        output, score = answers[i] if i < len(answers) else (None, None)
-        out.append({**base, "index": i, "input": text, "output": output, "score": score})
-    return out
+    base = request_base(ts, str(row.get("request_id") or ""), (variants or {}).get(dmid, dmid), ENDPOINT)
+    return text_records(base, texts, answers)
 
 
 def log_files(source: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -143,23 +132,12 @@ def read_vertex_log(
     ``variants`` maps deployed model ids to names; ``on_malformed(path, line_number, reason)`` hears of each line
     skipped."""
     for path in log_files(source):
-        try:
-            handle = _open(path)
-        except FileNotFoundError:
-            continue
-        with handle as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records = vertex_log_records(line, variants=variants)
-                except MalformedRecord as err:
-                    if on_malformed is not None:
-                        on_malformed(path, number, str(err))
-                    continue
-                for record in records:
-                    if (since is None or record["ts"] >= since) and (until is None or record["ts"] < until):
-                        yield record
+        for records in parsed_lines(
+            path, lambda line: vertex_log_records(line, variants=variants), on_malformed, _open
+        ):
+            for record in records:
+                if (since is None or record["ts"] >= since) and (until is None or record["ts"] < until):
+                    yield record
 
 
 def read_vertex_log_window(
@@ -171,23 +149,9 @@ def read_vertex_log_window(
 ) -> CaptureWindow:
     """The requests of ``[start, end)`` in exported request-response logging rows as a drift window: the same rows
     as :func:`~.inputs.read_window` gives for the request log; malformed lines in ``corrupt_lines``."""
-    import pandas as pd
-
-    malformed: list[str] = []
-
-    def bad(path: Path, line: int, reason: str) -> None:
-        malformed.append(f"{path.name}:{line}: {reason}")
-
     files = log_files(source)
-    rows = [
-        window_row(record)
-        for record in read_vertex_log(files, since=start, until=end, variants=variants, on_malformed=bad)
-    ]
-    return CaptureWindow(
-        data=pd.DataFrame(rows, columns=WINDOW_COLUMNS),
-        start=start,
-        end=end,
-        corrupt_lines=len(malformed),
-        files_read=len(files),
-        malformed_examples=tuple(malformed[:5]),
-    )
+
+    def read(bad: MalformedCallback) -> Iterable[dict[str, Any]]:
+        return read_vertex_log(files, since=start, until=end, variants=variants, on_malformed=bad)
+
+    return window_of(read, start, end, lambda: len(files))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,6 +32,9 @@ from airflow_llmops.platforms.base import (
     PlatformRefusedError,
     RolloutRecord,
     VariantMetrics,
+    load_rollout_record,
+    read_json_uri,
+    save_rollout_record,
     settings_from,
     validate_endpoint_name,
     validate_weights,
@@ -63,13 +65,6 @@ _STATES = {
 _METRIC_REQUESTS = "RequestsPerMinute"
 _METRIC_P50 = "RequestLatency_P50"
 _METRIC_P95 = "RequestLatency_P95"
-
-
-def _fs(uri: str) -> tuple[Any, str]:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs, path
 
 
 def _iso(seconds: float) -> str:
@@ -240,13 +235,7 @@ class AzureML:
 
     def _result(self, handle: JobHandle) -> dict[str, Any]:
         """What the runtime wrote at the end (metrics, MLflow run id; or the failure and the last log lines)."""
-        uri = f"{handle.extra.get('output', '')}/llmops/result.json"
-        try:
-            fs, path = _fs(uri)
-            with fs.open(path, "r") as fh:
-                return dict(json.load(fh))
-        except (OSError, ValueError):
-            return {}
+        return read_json_uri(f"{handle.extra.get('output', '')}/llmops/result.json")
 
     def get_training_status(self, handle: JobHandle) -> JobStatus:
         job = self._job(handle)
@@ -634,19 +623,10 @@ class AzureML:
         return self.settings.path("endpoints", validate_endpoint_name(endpoint), "rollout.json")
 
     def get_rollout_record(self, endpoint_name: str) -> RolloutRecord | None:
-        fs, path = _fs(self._record_uri(endpoint_name))
-        try:
-            with fs.open(path, "r") as fh:
-                return RolloutRecord.from_dict(json.load(fh))
-        except FileNotFoundError:
-            return None
+        return load_rollout_record(self._record_uri(endpoint_name))
 
     def put_rollout_record(self, endpoint_name: str, record: RolloutRecord) -> None:
-        record.updated_at = time.time()
-        fs, path = _fs(self._record_uri(endpoint_name))
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "w") as fh:
-            fh.write(json.dumps(record.to_dict(), indent=2, sort_keys=True))
+        save_rollout_record(self._record_uri(endpoint_name), record)
 
     def stop_endpoint(self, endpoint_name: str) -> None:
         """Delete the endpoint with its deployments; the rollout record stays, as history."""

@@ -11,7 +11,6 @@ are deployed models whose display name is the variant. Vertex has no bake or rol
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +26,9 @@ from airflow_llmops.platforms.base import (
     PlatformRefusedError,
     RolloutRecord,
     VariantMetrics,
+    load_rollout_record,
+    read_json_uri,
+    save_rollout_record,
     settings_from,
     validate_endpoint_name,
     validate_weights,
@@ -98,13 +100,6 @@ class _Calls:
                 raise PlatformApiError(message) from None
 
         return call
-
-
-def _fs(uri: str) -> tuple[Any, str]:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs, path
 
 
 class Vertex:
@@ -219,13 +214,7 @@ class Vertex:
 
     def _result(self, handle: JobHandle) -> dict[str, Any]:
         """What the runtime wrote at the end (metrics, MLflow run id; or the failure and the last log lines)."""
-        uri = f"{handle.extra.get('output', '')}/llmops/result.json"
-        try:
-            fs, path = _fs(uri)
-            with fs.open(path, "r") as fh:
-                return dict(json.load(fh))
-        except (OSError, ValueError):
-            return {}
+        return read_json_uri(f"{handle.extra.get('output', '')}/llmops/result.json")
 
     def get_training_status(self, handle: JobHandle) -> JobStatus:
         job = self._job(handle)
@@ -546,19 +535,10 @@ class Vertex:
         return self.settings.path("endpoints", validate_endpoint_name(endpoint), "rollout.json")
 
     def get_rollout_record(self, endpoint_name: str) -> RolloutRecord | None:
-        fs, path = _fs(self._record_uri(endpoint_name))
-        try:
-            with fs.open(path, "r") as fh:
-                return RolloutRecord.from_dict(json.load(fh))
-        except FileNotFoundError:
-            return None
+        return load_rollout_record(self._record_uri(endpoint_name))
 
     def put_rollout_record(self, endpoint_name: str, record: RolloutRecord) -> None:
-        record.updated_at = time.time()
-        fs, path = _fs(self._record_uri(endpoint_name))
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "w") as fh:
-            fh.write(json.dumps(record.to_dict(), indent=2, sort_keys=True))
+        save_rollout_record(self._record_uri(endpoint_name), record)
 
     def stop_endpoint(self, endpoint_name: str) -> None:
         """Undeploy every model (and delete it), then delete the endpoint; the rollout record stays, as history."""
