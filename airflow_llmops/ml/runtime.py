@@ -1000,6 +1000,40 @@ class _VertexOutcome:
         return 0
 
 
+def _run_node(
+    argv: list[str],
+    child_env: Mapping[str, str],
+    *,
+    log: Path,
+    job: JobDir,
+    sync: CheckpointSync | None,
+    interval: float,
+    outcome: _VertexOutcome,
+    stop: tuple[str, str],
+    env: Mapping[str, str],
+) -> int:
+    """Run this node's torchrun (Vertex AI, Azure ML): checkpoints synced while it runs and after it ends (failed
+    or stopped too: a restart resumes from what is uploaded), then the outcome recorded."""
+    print(f"[runtime] {' '.join(argv)}", flush=True)
+    child = _Child(argv, child_env, log)
+    periodic = _PeriodicSync(sync, interval).start() if sync is not None and interval > 0 else None
+    try:
+        code = child.run()
+    finally:
+        if periodic is not None:
+            periodic.stop()
+        if sync is not None:
+            sync.push_quietly()
+    if child.signalled is not None:
+        return outcome.failed(_failure_message(job, child, code, stop), 128 + child.signalled, child.tail)
+    if code != 0:
+        return outcome.failed(_failure_message(job, child, code, stop), code, child.tail)
+    status = _read_status(job)
+    if status.get("state") != "succeeded":
+        return outcome.failed(f"training exited with code 0 but its status is {status or 'missing'}", 1, child.tail)
+    return outcome.succeeded(status, env)
+
+
 def train_vertex(env: Mapping[str, str] | None = None, args: Sequence[str] = ()) -> int:
     """This replica's share of a Vertex AI CustomJob; returns the exit code (see the module docstring)."""
     env = dict(os.environ if env is None else env)
@@ -1041,25 +1075,17 @@ def train_vertex(env: Mapping[str, str] | None = None, args: Sequence[str] = ())
         f"model {launch.spec.output_uri or job.model}",
         flush=True,
     )
-    print(f"[runtime] {' '.join(argv)}", flush=True)
-    child = _Child(argv, child_env, vjob.log)
-    periodic = _PeriodicSync(sync, interval).start() if sync is not None and interval > 0 else None
-    try:
-        code = child.run()
-    finally:
-        if periodic is not None:
-            periodic.stop()
-        if sync is not None:  # after training, failed or stopped too: a restart resumes from what is uploaded
-            sync.push_quietly()
-    if child.signalled is not None:
-        message = _failure_message(job, child, code, _VERTEX_STOP)
-        return outcome.failed(message, 128 + child.signalled, child.tail)
-    if code != 0:
-        return outcome.failed(_failure_message(job, child, code, _VERTEX_STOP), code, child.tail)
-    status = _read_status(job)
-    if status.get("state") != "succeeded":
-        return outcome.failed(f"training exited with code 0 but its status is {status or 'missing'}", 1, child.tail)
-    return outcome.succeeded(status, env)
+    return _run_node(
+        argv,
+        child_env,
+        log=vjob.log,
+        job=job,
+        sync=sync,
+        interval=interval,
+        outcome=outcome,
+        stop=_VERTEX_STOP,
+        env=env,
+    )
 
 
 # ---- Azure ML --------------------------------------------------------------------------------------------------
@@ -1157,24 +1183,17 @@ def train_azureml(env: Mapping[str, str] | None = None, args: Sequence[str] = ()
         f"{vjob.checkpoint_dir or job.checkpoints}; model {launch.spec.output_uri or job.model}",
         flush=True,
     )
-    print(f"[runtime] {' '.join(argv)}", flush=True)
-    child = _Child(argv, child_env, vjob.log)
-    periodic = _PeriodicSync(sync, interval).start() if sync is not None and interval > 0 else None
-    try:
-        code = child.run()
-    finally:
-        if periodic is not None:
-            periodic.stop()
-        if sync is not None:
-            sync.push_quietly()
-    if child.signalled is not None:
-        return outcome.failed(_failure_message(job, child, code, _AZUREML_STOP), 128 + child.signalled, child.tail)
-    if code != 0:
-        return outcome.failed(_failure_message(job, child, code, _AZUREML_STOP), code, child.tail)
-    status = _read_status(job)
-    if status.get("state") != "succeeded":
-        return outcome.failed(f"training exited with code 0 but its status is {status or 'missing'}", 1, child.tail)
-    return outcome.succeeded(status, env)
+    return _run_node(
+        argv,
+        child_env,
+        log=vjob.log,
+        job=job,
+        sync=sync,
+        interval=interval,
+        outcome=outcome,
+        stop=_AZUREML_STOP,
+        env=env,
+    )
 
 
 # ---- serve ----------------------------------------------------------------------------------------------------
