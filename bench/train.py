@@ -16,21 +16,19 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "dags"))
 
 
 def prepare(folder: Path) -> Path:
-    from llmops_local import TOPICS
-
+    """The reference pipeline's dataset (its chatterbot topics), prepared by the data stage's code."""
     from airflow_llmops.ml.data.chatterbot import load_chatterbot
     from airflow_llmops.ml.data.prepare import prepare_records, serialise
+    from airflow_llmops.pipelines import TOPICS
     from airflow_llmops.specs import DatasetSpec
 
     spec = DatasetSpec(name="bench", source=f"chatterbot://english?topics={TOPICS}")

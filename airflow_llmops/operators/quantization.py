@@ -25,8 +25,12 @@ class QuantizeModelOperator(LLMOpsBaseOperator):
     For each method: on-disk size, p50/p95 latency per batch size, throughput and the quality metric's change on
     the validation split. ``spec.choose`` gates: ``all_must_pass`` fails the task unless every method stays
     within ``spec.max_quality_drop`` points; ``fastest_within_tolerance`` picks the fastest method that does (and
-    fails if none). The table goes to the task log, to MLflow (a run with one metric set per method) and, in
-    summary, to XCom with the chosen artifact's URI, ready for registration.
+    fails if none). With ``spec.accuracy_aware`` each method that can first searches which layers to keep in fp32
+    for its validation drop to be within tolerance (the layers and what each cost are in the table, MLflow and
+    XCom). Since that tunes on the validation split, every method is also scored on ``spec.confirm_split`` (the
+    test split) and both drops are reported; the evaluation stage then scores the chosen artifact on the test
+    split again, against the champion. The table goes to the task log, to MLflow (a run with one metric set per
+    method) and, in summary, to XCom with the chosen artifact's URI, ready for registration.
 
     :param model_uri: saved model folder (the training task's ``model_uri``; templated).
     :param dataset_uri: prepared dataset whose validation split is measured (templated).
@@ -90,6 +94,24 @@ class QuantizeModelOperator(LLMOpsBaseOperator):
             "Quantization on %d %s rows (%d threads):\n%s", report.eval_rows, report.split, report.threads, table
         )
         self.log.info("%s", report.decision.message)
+        for row in report.rows:
+            if row.search:
+                self.log.info("Accuracy-aware search, %s: %s", row.method, row.search.get("summary"))
+        chosen_row = report.row(report.decision.chosen) if report.decision.chosen else None
+        if (
+            chosen_row is not None
+            and chosen_row.confirm_drop is not None
+            and (chosen_row.confirm_drop > report.decision.max_quality_drop)
+        ):
+            self.log.warning(
+                "%s lost %.2f points on the %s split (%.2f on %s, where it was chosen): over max_quality_drop=%g",
+                chosen_row.method,
+                chosen_row.confirm_drop,
+                chosen_row.confirm_split,
+                chosen_row.quality_drop or 0.0,
+                report.split,
+                report.decision.max_quality_drop,
+            )
         run_id = self._log_to_mlflow(context, report, table)
         QuantizationReportLink().persist(context, display_uri(target / "comparison.json"))
         decision = report.decision
@@ -107,6 +129,7 @@ class QuantizeModelOperator(LLMOpsBaseOperator):
             "chosen_method": decision.chosen if chosen_uri != str(self.model_uri) else "none",
             "chosen_model_uri": chosen_uri,
             "message": decision.message,
+            "fp32_layers": chosen.fp32_layers if chosen is not None and chosen_uri != str(self.model_uri) else None,
             "source_model_uri": str(self.model_uri),
             "report_uri": display_uri(target / "comparison.json"),
             "mlflow_run_id": run_id,
@@ -119,6 +142,10 @@ class QuantizeModelOperator(LLMOpsBaseOperator):
                     "p50_ms": {str(b): round(v["p50"], 2) for b, v in row.latency_ms.items()},
                     "quality": row.quality,
                     "quality_drop": row.quality_drop,
+                    "confirm_split": row.confirm_split,
+                    "confirm_drop": row.confirm_drop,
+                    "fp32_layers": row.fp32_layers,
+                    "search": row.search,
                     "error": row.error,
                 }
                 for row in report.rows
@@ -152,9 +179,18 @@ class QuantizeModelOperator(LLMOpsBaseOperator):
                 continue
             metrics = {"size_mb": row.size_bytes / 1e6, "throughput_rows_s": row.throughput_rows_s, **row.quality}
             metrics.update({f"p50_ms_b{b}": v["p50"] for b, v in row.latency_ms.items()})
-            for key in ("quality_drop", "size_ratio", "speedup"):
+            for key in ("quality_drop", "size_ratio", "speedup", "confirm_drop"):
                 if getattr(row, key) is not None:
                     metrics[key] = float(getattr(row, key))
+            if row.confirm_quality:
+                metrics.update({f"{row.confirm_split}_{k}": v for k, v in row.confirm_quality.items()})
+            if row.fp32_layers is not None:
+                client.set_tag(run_id, f"fp32_layers.{row.method}", ",".join(row.fp32_layers) or "none")
+            if row.search:
+                client.set_tag(run_id, f"search.{row.method}", str(row.search.get("summary", ""))[:4000])
+                metrics["search_trials"] = float(row.search.get("trials", 0))
+                for layer, cost in (row.search.get("layer_costs") or {}).items():
+                    metrics[f"layer_cost.{layer}"] = float(cost)
             for name, value in metrics.items():
                 client.log_metric(run_id, f"{row.method}.{name}", float(value))
         client.log_text(run_id, table, "quantization_table.txt")

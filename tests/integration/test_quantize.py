@@ -33,9 +33,16 @@ from airflow_llmops.ml.quantization import (
     quantize_model,
     weights_size,
 )
+from airflow_llmops.ml.quantization.compare import eval_texts
 from airflow_llmops.specs import QuantizationSpec, TrainingSpec
 
-CPU_METHODS = ["torch_dynamic_int8", "torchao_int8_dynamic", "torchao_int8_weight_only", "onnx_dynamic_int8"]
+CPU_METHODS = [
+    "torch_dynamic_int8",
+    "torchao_int8_dynamic",
+    "torchao_int8_weight_only",
+    "onnx_dynamic_int8",
+    "onnx_static_int8",
+]
 TEXTS = ["what is your name?", "do you like pizza?", "how much money do you make?", "are you a robot?"]
 TIMEOUT = 300
 
@@ -78,9 +85,10 @@ def classifier(topics: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def artifacts(classifier: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def artifacts(classifier: Path, topics: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("artifacts")
-    return {m: Path(quantize_model(classifier, m, root / m).path) for m in CPU_METHODS}
+    calibration = eval_texts(topics, "validation", 32)[0]  # static int8 calibrates its activation ranges on these
+    return {m: Path(quantize_model(classifier, m, root / m, calibration_texts=calibration).path) for m in CPU_METHODS}
 
 
 def test_cpu_methods_are_available_and_int4_needs_cuda() -> None:

@@ -5,6 +5,9 @@
     predictor.predict(["what is your name?"])          # -> ["greetings"]
     report = compare("job/model", "datasets/topics", QuantizationSpec(...), "out/")
     print(format_table(report.rows)); report.decision.passed
+    # int8 except the layers whose quantization costs more than the tolerance allows, found on validation rows:
+    artifact = search_quantization("job/model", "onnx_static_int8", "out/int8", texts, labels,
+                                   max_quality_drop=1.0, calibration_texts=texts[:128])
 
 No Airflow here: operators call these functions (importing this package lazily, it imports torch).
 """
@@ -20,6 +23,7 @@ from airflow_llmops.ml.quantization.errors import (
 from airflow_llmops.ml.quantization.measure import Measurement, measure, measure_many, set_threads
 from airflow_llmops.ml.quantization.methods import (
     ALL_METHODS,
+    SEARCHABLE_METHODS,
     available_methods,
     method_availability,
     quantize_model,
@@ -33,10 +37,12 @@ from airflow_llmops.ml.quantization.predictors import (
     load_predictor,
     load_quantized,
 )
+from airflow_llmops.ml.quantization.search import SearchResult, search_layers, search_quantization
 
 __all__ = [
     "ALL_METHODS",
     "FP32",
+    "SEARCHABLE_METHODS",
     "ComparisonReport",
     "GateDecision",
     "Measurement",
@@ -46,6 +52,7 @@ __all__ = [
     "QuantizationInputError",
     "QuantizationUnavailable",
     "QuantizedArtifact",
+    "SearchResult",
     "TorchPredictor",
     "UnsupportedTaskError",
     "available_methods",
@@ -59,6 +66,8 @@ __all__ = [
     "measure_many",
     "method_availability",
     "quantize_model",
+    "search_layers",
+    "search_quantization",
     "set_threads",
     "weights_size",
 ]

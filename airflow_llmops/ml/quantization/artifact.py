@@ -13,6 +13,7 @@ from airflow_llmops.ml.quantization.errors import QuantizationInputError
 
 METADATA_FILE = "quantization.json"
 FORMAT_VERSION = 1
+DEFAULT_MAX_LENGTH = 128  # tokens per text, for measuring, calibrating and serving
 Task = Literal["classification", "causal_lm"]
 # Weight files of a plain Hugging Face folder (the fp32 model) and of our artifacts.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx", ".onnx.data")

@@ -9,11 +9,25 @@ from pathlib import Path
 from typing import Any
 
 from airflow_llmops.ml.evaluation import load_split
-from airflow_llmops.ml.quantization.artifact import Task, local_path, model_folder
+from airflow_llmops.ml.quantization.artifact import (
+    DEFAULT_MAX_LENGTH,
+    QuantizedArtifact,
+    Task,
+    local_path,
+    model_folder,
+)
 from airflow_llmops.ml.quantization.errors import QuantizationInputError, QuantizationUnavailable, UnsupportedTaskError
-from airflow_llmops.ml.quantization.measure import Measurement, check_labels, measure_many, set_threads
-from airflow_llmops.ml.quantization.methods import quantize_model
-from airflow_llmops.ml.quantization.predictors import DEFAULT_MAX_LENGTH, FP32, Predictor, load_fp32, load_quantized
+from airflow_llmops.ml.quantization.measure import (
+    Measurement,
+    check_labels,
+    drop_points,
+    measure_many,
+    quality,
+    set_threads,
+)
+from airflow_llmops.ml.quantization.methods import SEARCHABLE_METHODS, quantize_model
+from airflow_llmops.ml.quantization.predictors import FP32, Predictor, load_fp32, load_quantized
+from airflow_llmops.ml.quantization.search import search_quantization
 from airflow_llmops.specs.quantization import QuantizationSpec
 
 REPORT_FILE = "comparison.json"
@@ -51,6 +65,7 @@ class ComparisonReport:
     eval_rows: int
     threads: int
     out_root: str
+    confirm_split: str | None = None
 
     def row(self, method: str) -> Measurement:
         return next(r for r in self.rows if r.method == method)
@@ -61,6 +76,7 @@ class ComparisonReport:
             "eval_rows": self.eval_rows,
             "threads": self.threads,
             "out_root": self.out_root,
+            "confirm_split": self.confirm_split,
             "decision": self.decision.to_dict(),
             "rows": [r.to_dict() for r in self.rows],
         }
@@ -108,6 +124,11 @@ def compare(
     """Quantize ``model_dir`` with every method in ``spec`` (artifacts in ``out_root/<method>``), measure fp32 and
     each artifact on ``split`` (first ``spec.max_eval_rows`` rows), and apply the gate ``spec.choose``.
 
+    ``onnx_static_int8`` calibrates on the first ``spec.calibration_rows`` rows of ``split``. With
+    ``spec.accuracy_aware`` each method that can keep layers in fp32 runs the search (:mod:`.search`) on ``split``
+    first. Every method is then also scored on ``spec.confirm_split`` (when the dataset has it): a method tuned and
+    chosen on ``split`` is not reported on it alone.
+
     A method this machine cannot run is a row with ``error`` (it fails ``all_must_pass``); bad input raises.
     ``comparison.json`` with the report is written to ``out_root``.
 
@@ -120,39 +141,109 @@ def compare(
     texts, labels = eval_texts(dataset_dir, split, spec.max_eval_rows, task=baseline.task, eos=eos)
     if labels is not None:
         check_labels(baseline, labels)
+    calibration: list[str] | None = None
+    if "onnx_static_int8" in spec.methods and baseline.task == "classification":
+        calibration = eval_texts(dataset_dir, split, spec.calibration_rows)[0]
     root = local_path(out_root)
     predictors: list[Predictor] = [baseline]
     failed: dict[str, str] = {}
-    artifacts: dict[str, str] = {}
+    artifacts: dict[str, QuantizedArtifact] = {}
     for method in spec.methods:
+        common: dict[str, Any] = {
+            "quantize_embeddings": spec.quantize_embeddings,
+            "calibration_texts": calibration,
+            "calibration_method": spec.calibration_method,
+            "max_length": max_length,
+        }
         try:
-            artifact = quantize_model(source, method, root / method, quantize_embeddings=spec.quantize_embeddings)
+            if spec.accuracy_aware and method in SEARCHABLE_METHODS:
+                artifact = search_quantization(
+                    source,
+                    method,
+                    root / method,
+                    texts,
+                    labels,
+                    max_quality_drop=spec.max_quality_drop,
+                    max_trials=spec.max_trials,
+                    max_seconds=spec.max_search_s,
+                    threads=threads,
+                    baseline=baseline,
+                    **common,
+                )
+            else:
+                artifact = quantize_model(source, method, root / method, **common)
         except (QuantizationUnavailable, UnsupportedTaskError) as err:
             failed[method] = str(err)
             continue
-        artifacts[method] = artifact.path
+        artifacts[method] = artifact
         predictors.append(load_quantized(artifact.path, max_length=max_length, threads=threads))
     measured = measure_many(predictors, texts, labels, batch_sizes=spec.batch_sizes, repeats=spec.latency_repeats)
     by_method = {m.method: m for m in measured}
     rows = [by_method[FP32]]
     for method in spec.methods:
         row = by_method.get(method) or Measurement(method=method, error=failed[method])
-        row.artifact = artifacts.get(method)
+        if method in artifacts:
+            _describe_artifact(row, artifacts[method], searched=spec.accuracy_aware)
         rows.append(row)
     relative_to_baseline(rows)
+    confirm_split = spec.confirm_split if spec.confirm_split and spec.confirm_split != split else None
+    if confirm_split and not (local_path(dataset_dir) / f"{confirm_split}.parquet").is_file():
+        confirm_split = None  # a dataset without that split: nothing to confirm on (the report says so)
+    if confirm_split:
+        confirm(predictors, rows, dataset_dir, confirm_split, spec.max_eval_rows, eos=eos)
     report = ComparisonReport(
-        rows=rows, decision=decide(rows, spec), split=split, eval_rows=len(texts), threads=threads, out_root=str(root)
+        rows=rows,
+        decision=decide(rows, spec),
+        split=split,
+        eval_rows=len(texts),
+        threads=threads,
+        out_root=str(root),
+        confirm_split=confirm_split,
     )
     root.mkdir(parents=True, exist_ok=True)
     (root / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     return report
 
 
+def _describe_artifact(row: Measurement, artifact: QuantizedArtifact, *, searched: bool) -> None:
+    row.artifact = artifact.path
+    if artifact.method in SEARCHABLE_METHODS:
+        row.fp32_layers = list(artifact.options.get("fp32_layers", []))
+    search = artifact.options.get("search")
+    if isinstance(search, dict):
+        row.search = {
+            k: search[k] for k in ("summary", "met_tolerance", "drop", "layer_costs", "stopped") if k in search
+        }
+        row.search["trials"] = len(search.get("trials", []))
+    elif searched:
+        row.search = {"summary": f"{artifact.method} cannot keep layers in fp32: measured as quantized"}
+
+
+def confirm(
+    predictors: Sequence[Predictor],
+    rows: Sequence[Measurement],
+    dataset_dir: str | Path,
+    split: str,
+    max_rows: int,
+    *,
+    eos: str = "",
+) -> None:
+    """Score every measured row's model on ``split`` too (quality only) and set ``confirm_*`` against fp32."""
+    by_method = {p.method: p for p in predictors}
+    baseline = next(r for r in rows if r.method == FP32)
+    texts, labels = eval_texts(dataset_dir, split, max_rows, task=by_method[FP32].task, eos=eos)
+    for row in rows:
+        if row.ok and row.method in by_method:
+            row.confirm_split = split
+            row.confirm_quality = quality(by_method[row.method], texts, labels)
+    for row in rows:
+        if row.confirm_quality is not None and baseline.confirm_quality is not None:
+            row.confirm_drop = drop_points(baseline.confirm_quality, row.confirm_quality)
+
+
 def quality_drop(baseline: Measurement, row: Measurement) -> float:
     """Points lost against fp32 (positive is worse): accuracy points, or percent perplexity increase."""
-    if "perplexity" in baseline.quality:
-        return (row.quality["perplexity"] / baseline.quality["perplexity"] - 1) * 100
-    return (baseline.quality["accuracy"] - row.quality["accuracy"]) * 100
+    return drop_points(baseline.quality, row.quality)
 
 
 def relative_to_baseline(rows: Sequence[Measurement]) -> None:
@@ -187,9 +278,17 @@ def decide(rows: Sequence[Measurement], spec: QuantizationSpec) -> GateDecision:
     limit = f"max_quality_drop={tolerance:g} {unit}"
 
     def describe(r: Measurement) -> str:
+        kept = ""
+        if r.fp32_layers:
+            kept = f", fp32 layers: {', '.join(r.fp32_layers)}"
+        elif r.search and r.fp32_layers is not None:
+            kept = ", int8 in every layer"
+        confirmed = ""
+        if r.confirm_drop is not None and r.confirm_split:
+            confirmed = f", drop on {r.confirm_split} {r.confirm_drop:+.2f}"
         return (
             f"{r.method} {metric} {r.quality[metric]:.4f} (drop {r.quality_drop:+.2f}), "
-            f"{r.throughput_rows_s:.1f} rows/s ({r.speedup or 0:.2f}x fp32)"
+            f"{r.throughput_rows_s:.1f} rows/s ({r.speedup or 0:.2f}x fp32){confirmed}{kept}"
         )
 
     parts = []
@@ -224,6 +323,10 @@ def format_table(rows: Sequence[Measurement]) -> str:
     headers = ["method", "size MB", "% fp32", *[f"p50 b{b} ms" for b in batch_sizes]]
     headers += [f"p95 b{max(batch_sizes)} ms"] if batch_sizes else []
     headers += ["rows/s", "speedup", *(["perplexity", "drop %"] if lm else ["accuracy", "macro-F1", "drop pts"])]
+    confirm_split = next((r.confirm_split for r in rows if r.confirm_split), None)
+    layers = any(r.fp32_layers is not None for r in rows)
+    headers += [f"{confirm_split} drop"] if confirm_split else []
+    headers += ["fp32 layers"] if layers else []
     lines = []
     for r in rows:
         if not r.ok:
@@ -237,6 +340,9 @@ def format_table(rows: Sequence[Measurement]) -> str:
             cells += [f"{r.quality['perplexity']:.3f}", _signed(r.quality_drop)]
         else:
             cells += [f"{r.quality['accuracy']:.4f}", f"{r.quality['macro_f1']:.4f}", _signed(r.quality_drop)]
+        cells += [_signed(r.confirm_drop)] if confirm_split else []
+        if layers:
+            cells += ["-" if r.fp32_layers is None else (",".join(r.fp32_layers) or "none")]
         lines.append(cells)
     widths = [max(len(headers[i]), *(len(c[i]) for c in lines if len(c) == len(headers))) for i in range(len(headers))]
     out = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths, strict=True)))]

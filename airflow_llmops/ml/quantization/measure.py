@@ -34,6 +34,10 @@ class Measurement:
     :ivar quality_drop: points lost against fp32: accuracy points for a classifier, percent perplexity increase
         for a causal LM; positive is worse.
     :ivar error: why the method produced no numbers (e.g. unavailable on this machine); other fields are empty.
+    :ivar fp32_layers: layer groups the artifact keeps in full precision (``None``: not a layer-wise method).
+    :ivar search: the accuracy-aware search's record (``summary``, ``layer_costs``, ``trials``...), if it ran.
+    :ivar confirm_split: / :ivar confirm_quality: / :ivar confirm_drop: the same quality on a second split the
+        method was not chosen or tuned on (the test split), set by ``compare``.
     """
 
     method: str
@@ -49,6 +53,11 @@ class Measurement:
     speedup: float | None = None
     artifact: str | None = None
     error: str | None = None
+    fp32_layers: list[str] | None = None
+    search: dict[str, Any] | None = None
+    confirm_split: str | None = None
+    confirm_quality: dict[str, float] | None = None
+    confirm_drop: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -75,6 +84,13 @@ def set_threads(threads: int | None = None) -> int:
         raise QuantizationInputError(f"threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
     return threads
+
+
+def drop_points(baseline: dict[str, float], quality: dict[str, float]) -> float:
+    """Points lost against fp32 (positive is worse): accuracy points, or percent perplexity increase."""
+    if "perplexity" in baseline:
+        return (quality["perplexity"] / baseline["perplexity"] - 1) * 100
+    return (baseline["accuracy"] - quality["accuracy"]) * 100
 
 
 def check_labels(predictor: Predictor, labels: Sequence[str]) -> None:

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from airflow_llmops.ml.quantization.artifact import (
+    DEFAULT_MAX_LENGTH,
     METADATA_FILE,
     QuantizedArtifact,
     Task,
@@ -26,10 +27,9 @@ from airflow_llmops.ml.quantization.artifact import (
     weights_size,
 )
 from airflow_llmops.ml.quantization.errors import QuantizationInputError, UnsupportedTaskError
-from airflow_llmops.ml.quantization.methods import check_method, load_model, load_torch_artifact
+from airflow_llmops.ml.quantization.methods import ONNX_METHODS, check_method, load_model, load_torch_artifact
 
 FP32 = "fp32"
-DEFAULT_MAX_LENGTH = 128
 
 
 class Predictor(ABC):
@@ -120,7 +120,8 @@ class TorchPredictor(Predictor):
 
 
 class OnnxPredictor(Predictor):
-    """An int8 ONNX classifier run by ONNX Runtime on CPU with ``threads`` intra-op threads."""
+    """An int8 ONNX classifier (dynamic or static QDQ) run by ONNX Runtime on CPU with ``threads`` intra-op
+    threads."""
 
     def __init__(self, *, threads: int, input_names: list[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -165,7 +166,7 @@ def load_quantized(
         "size_bytes": artifact.size_bytes,
         "max_length": max_length,
     }
-    if artifact.method == "onnx_dynamic_int8":
+    if artifact.method in ONNX_METHODS:
         names = list(artifact.options.get("input_names", ["input_ids", "attention_mask"]))
         return OnnxPredictor(threads=threads or torch.get_num_threads(), input_names=names, **common)
     return TorchPredictor(load_torch_artifact(artifact), **common)
