@@ -151,6 +151,30 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     server.stop()
 
 
+@pytest.fixture
+def clean_reference_model(mlflow_server: Any) -> Iterator[str]:
+    """The reference pipeline's registered model (``chatterbot-topics-classifier``) absent from the session's MLflow
+    server before and after the test: a cloud pipeline test trains on a few topics and must neither judge its
+    challenger against another test's champion nor leave its champion for the next test on the same worker."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from airflow_llmops.pipelines import MODEL
+
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+
+    def forget() -> None:
+        try:
+            client.delete_registered_model(MODEL)
+        except MlflowException as err:
+            if "RESOURCE_DOES_NOT_EXIST" not in str(err.error_code):
+                raise
+
+    forget()
+    yield MODEL
+    forget()
+
+
 @contextlib.contextmanager
 def moto_s3(mp: pytest.MonkeyPatch, conn_id: str, bucket: str) -> Iterator[Any]:
     """A moto S3 server on loopback with ``bucket``, reachable through the Airflow connection ``conn_id`` (set in the
