@@ -109,8 +109,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``-n 2 --dist loadgroup`` the end-to-end tests (each a whole Airflow stack) share one worker, so two
-    stacks never compete for the two cores while the other worker runs the rest."""
+    """Under ``--dist loadgroup`` the end-to-end tests (each a whole Airflow stack) would share one worker. (The
+    suite runs ``--dist loadfile``: with pytest 9, xdist 3.8 ignores ``xdist_group`` markers; see scripts/test.)"""
     for item in items:
         if item.get_closest_marker("e2e"):
             item.add_marker(pytest.mark.xdist_group("airflow-stack"))
