@@ -151,28 +151,16 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     server.stop()
 
 
-@pytest.fixture
-def clean_reference_model(mlflow_server: Any) -> Iterator[str]:
-    """The reference pipeline's registered model (``chatterbot-topics-classifier``) absent from the session's MLflow
-    server before and after the test: a cloud pipeline test trains on a few topics and must neither judge its
-    challenger against another test's champion nor leave its champion for the next test on the same worker."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+@pytest.fixture(scope="module")
+def own_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """An MLflow server of the module's own, for modules that register the reference pipeline's model names: their
+    registered models and champions are not the ones other tests on the worker registered (a cloud pipeline's
+    five-topic champion would fail a sixteen-topic evaluate)."""
+    from airflow_llmops.devstack.mlflow_server import MLflowServer
 
-    from airflow_llmops.pipelines import MODEL
-
-    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
-
-    def forget() -> None:
-        try:
-            client.delete_registered_model(MODEL)
-        except MlflowException as err:
-            if "RESOURCE_DOES_NOT_EXIST" not in str(err.error_code):
-                raise
-
-    forget()
-    yield MODEL
-    forget()
+    server = MLflowServer(tmp_path_factory.mktemp("own-mlflow")).start()
+    yield server
+    server.stop()
 
 
 @contextlib.contextmanager

@@ -50,7 +50,7 @@ def _deployment(platform: Any, handle: Any, variant: str) -> str | None:
 
 
 def test_llmops_azureml_end_to_end(
-    azure: Any, airflow_db: Path, mlflow_server: Any, clean_reference_model: str, monkeypatch: pytest.MonkeyPatch
+    azure: Any, airflow_db: Path, mlflow_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dags_under_test import load_dag
 

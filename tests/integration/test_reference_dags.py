@@ -52,10 +52,10 @@ def test_local_dag_params_are_typed_and_validated():
     assert params.get_param("rollout_strategy").resolve("blue_green") == "blue_green"
 
 
-def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db, mlflow_server, monkeypatch):
+def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db, own_mlflow, monkeypatch):
     from dags_under_test import load_dag
 
-    monkeypatch.setenv("AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI", own_mlflow.url)
     dag = load_dag("llmops_local")
     conf = {
         "rollout_strategy": "linear",
@@ -115,14 +115,14 @@ def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db, mlflow_server, mon
         endpoints.stop_endpoint("chatterbot-topics")
 
 
-def test_local_dag_runs_the_causal_lm_task_end_to_end(airflow_db, mlflow_server, monkeypatch):
+def test_local_dag_runs_the_causal_lm_task_end_to_end(airflow_db, own_mlflow, monkeypatch):
     """The ``task`` Param's other value: a dialog generator goes through every stage to its own registered model and
     endpoint (it is not judged against the classifier's champion, nor canaried next to it)."""
     from dags_under_test import load_dag
 
     from airflow_llmops.platforms import get_platform
 
-    monkeypatch.setenv("AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI", own_mlflow.url)
     dag = load_dag("llmops_local")
     conf = {
         "task": "causal_lm",

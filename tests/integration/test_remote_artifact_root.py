@@ -111,16 +111,6 @@ def remote_root(s3, monkeypatch, tmp_path) -> Path:
     return tmp_path / "staging"
 
 
-@pytest.fixture(scope="module")
-def own_mlflow(tmp_path_factory):
-    """An MLflow server of this module's own: the DAG registers the same model name as test_model_gate.py."""
-    from airflow_llmops.devstack.mlflow_server import MLflowServer
-
-    server = MLflowServer(tmp_path_factory.mktemp("mlflow-remote")).start()
-    yield server
-    server.stop()
-
-
 def test_quantize_evaluate_register_read_and_write_s3_through_the_connection(
     airflow_db, s3, remote_inputs, remote_root, own_mlflow
 ):

@@ -76,7 +76,7 @@ def _platform() -> Any:
     )
 
 
-def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any, clean_reference_model: str) -> None:
+def test_llmops_sagemaker_end_to_end(sagemaker_env: Any, mlflow_server: Any) -> None:
     from dags_under_test import load_dag
 
     from airflow_llmops.platforms import EndpointHandle

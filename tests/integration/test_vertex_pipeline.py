@@ -51,7 +51,7 @@ def gcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 def test_llmops_vertex_end_to_end(
-    gcp: Any, airflow_db: Path, mlflow_server: Any, clean_reference_model: str, monkeypatch: pytest.MonkeyPatch
+    gcp: Any, airflow_db: Path, mlflow_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dags_under_test import load_dag
 
