@@ -151,6 +151,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     server.stop()
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_mlflow_uri() -> Iterator[None]:
+    """``mlflow.set_tracking_uri`` / ``set_registry_uri`` also set ``$MLFLOW_TRACKING_URI`` / ``$MLFLOW_REGISTRY_URI``
+    for the whole process: restored after each test, so a later test's Airflow stack (which inherits the worker's
+    environment) does not register into another test's MLflow server."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="module")
 def own_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """An MLflow server of the module's own, for modules that register the reference pipeline's model names: their
