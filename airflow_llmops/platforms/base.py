@@ -354,3 +354,14 @@ def save_rollout_record(uri: str, record: RolloutRecord) -> None:
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as fh:
         fh.write(json.dumps(record.to_dict(), indent=2, sort_keys=True))
+
+
+def registry_model_env(model_uri: str, env: dict[str, str], error: type[ValueError]) -> None:
+    """A registry version (``models:/name/3``) is loaded by the cloud endpoint's server from MLflow: set
+    ``LLMOPS_MODEL_URI`` in its ``env``, which must name the MLflow server (``error`` otherwise)."""
+    if not env.get("MLFLOW_TRACKING_URI"):
+        raise error(
+            f"model {model_uri} is in the MLflow registry: the endpoint needs MLFLOW_TRACKING_URI in the "
+            "platform's env (an MLflow server the endpoint can reach)"
+        )
+    env["LLMOPS_MODEL_URI"] = model_uri

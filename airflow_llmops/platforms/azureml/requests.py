@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_llmops.platforms.base import registry_model_env
 from airflow_llmops.specs import RolloutPlan, TrainingSpec
 
 TAG_ENDPOINT = "llmops-endpoint"
@@ -324,12 +325,7 @@ def online_deployment(
     if model_uri.startswith(("abfs://", "abfss://", "az://", "file://")):
         env["LLMOPS_MODEL_STORAGE_URI"] = model_uri.rstrip("/")
     elif model_uri.startswith("models:/"):
-        if not env.get("MLFLOW_TRACKING_URI"):
-            raise AzureMLConfigError(
-                f"model {model_uri} is in the MLflow registry: the endpoint needs MLFLOW_TRACKING_URI in the "
-                "platform's env (an MLflow server the endpoint can reach)"
-            )
-        env["LLMOPS_MODEL_URI"] = model_uri
+        registry_model_env(model_uri, env, AzureMLConfigError)
     else:
         raise AzureMLConfigError(
             f"model_uri {model_uri!r}: Azure ML deployments serve models from the workspace's storage (abfs://...) "

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_llmops.platforms.base import registry_model_env
 from airflow_llmops.specs import RolloutPlan, TrainingSpec
 
 #: The training channel holding the prepared dataset (``/opt/ml/input/data/dataset`` in the container).
@@ -237,12 +238,7 @@ def model_request(endpoint: str, variant: str, model_uri: str, *, settings: Sage
             "S3DataSource": {"S3Uri": model_uri.rstrip("/") + "/", "S3DataType": "S3Prefix", "CompressionType": "None"}
         }
     elif model_uri.startswith("models:/"):
-        if not env.get("MLFLOW_TRACKING_URI"):
-            raise SageMakerConfigError(
-                f"model {model_uri} is in the MLflow registry: the endpoint needs MLFLOW_TRACKING_URI in the "
-                "platform's env (an MLflow server the endpoint can reach)"
-            )
-        env["LLMOPS_MODEL_URI"] = model_uri
+        registry_model_env(model_uri, env, SageMakerConfigError)
     else:
         raise SageMakerConfigError(
             f"model_uri {model_uri!r}: SageMaker serves models from S3 (s3://.../model.tar.gz or a folder) or from the "

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_llmops.platforms.base import registry_model_env
 from airflow_llmops.specs import RolloutPlan, TrainingSpec
 
 LABEL_ENDPOINT = "llmops-endpoint"
@@ -173,12 +174,7 @@ def model_upload(endpoint: str, variant: str, model_uri: str, *, settings: Verte
     if model_uri.startswith(("gs://", "file://")):
         body["artifact_uri"] = model_uri.rstrip("/")
     elif model_uri.startswith("models:/"):
-        if not env.get("MLFLOW_TRACKING_URI"):
-            raise VertexConfigError(
-                f"model {model_uri} is in the MLflow registry: the endpoint needs MLFLOW_TRACKING_URI in the "
-                "platform's env (an MLflow server the endpoint can reach)"
-            )
-        env["LLMOPS_MODEL_URI"] = model_uri
+        registry_model_env(model_uri, env, VertexConfigError)
     else:
         raise VertexConfigError(
             f"model_uri {model_uri!r}: Vertex serves models from Cloud Storage (gs://...) or from the MLflow registry "
