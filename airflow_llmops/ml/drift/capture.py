@@ -266,16 +266,25 @@ def request_base(ts: float, request_id: str, variant: str, endpoint: str, status
     }
 
 
+def open_text(path: Path) -> Any:
+    """A capture file as text (gzip when its name ends in ``.gz``), undecodable bytes replaced."""
+    import gzip
+
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return path.open(encoding="utf-8", errors="replace")
+
+
 def parsed_lines(
     path: Path,
     parse: Callable[[str], T],
     on_malformed: MalformedCallback | None,
-    opener: Callable[[Path], Any] | None = None,
 ) -> Iterator[T]:
-    """``parse(line)`` of each non-empty line of ``path`` (a missing file: nothing); a line it refuses with
+    """``parse(line)`` of each non-empty line of ``path`` (:func:`open_text`; a missing file: nothing); a line it
+    refuses with
     :class:`MalformedRecord` goes to ``on_malformed(path, line_number, reason)`` and is skipped."""
     try:
-        handle = (opener or (lambda p: p.open(encoding="utf-8", errors="replace")))(path)
+        handle = open_text(path)
     except FileNotFoundError:
         return
     with handle as lines:
@@ -384,13 +393,10 @@ def detect_format(folder: str | Path) -> str:
     """Which platform's capture a local folder holds, by the first non-empty line of its first JSON file:
     ``azureml`` (an ``azureml.inference.*`` event), ``vertex`` (a request-response logging row) or ``sagemaker``
     (Data Capture, and the default)."""
-    import gzip
-
     root = Path(str(folder).removeprefix("file://"))
     files = sorted(p for p in root.rglob("*") if p.is_file() and ".json" in p.name) if root.is_dir() else [root]
     for path in files:
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8", errors="replace") as lines:
+        with open_text(path) as lines:
             for line in lines:
                 if not line.strip():
                     continue

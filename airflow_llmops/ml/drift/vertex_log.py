@@ -19,11 +19,10 @@ cannot be used is skipped and counted (``corrupt_lines``), never dropped silentl
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from airflow_llmops.ml.drift.capture import (
     CaptureWindow,
@@ -114,12 +113,6 @@ def log_files(source: str | Path | Iterable[str | Path]) -> list[Path]:
     return [Path(str(p).removeprefix("file://")) for p in source]
 
 
-def _open(path: Path) -> IO[str]:
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return path.open(encoding="utf-8", errors="replace")
-
-
 def read_vertex_log(
     source: str | Path | Iterable[str | Path],
     *,
@@ -132,9 +125,7 @@ def read_vertex_log(
     ``variants`` maps deployed model ids to names; ``on_malformed(path, line_number, reason)`` hears of each line
     skipped."""
     for path in log_files(source):
-        for records in parsed_lines(
-            path, lambda line: vertex_log_records(line, variants=variants), on_malformed, _open
-        ):
+        for records in parsed_lines(path, lambda line: vertex_log_records(line, variants=variants), on_malformed):
             for record in records:
                 if (since is None or record["ts"] >= since) and (until is None or record["ts"] < until):
                     yield record
