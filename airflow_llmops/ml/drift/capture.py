@@ -281,8 +281,7 @@ def parsed_lines(
     on_malformed: MalformedCallback | None,
 ) -> Iterator[T]:
     """``parse(line)`` of each non-empty line of ``path`` (:func:`open_text`; a missing file: nothing); a line it
-    refuses with
-    :class:`MalformedRecord` goes to ``on_malformed(path, line_number, reason)`` and is skipped."""
+    refuses with :class:`MalformedRecord` goes to ``on_malformed(path, line_number, reason)`` and is skipped."""
     try:
         handle = open_text(path)
     except FileNotFoundError:
