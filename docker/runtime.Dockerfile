@@ -11,12 +11,16 @@
 #   # GPU variant: the CUDA line of the lock's nvidia-* pins (PyPI torch 2.13.0 is built on CUDA 13.0)
 #   docker build -f docker/runtime.Dockerfile --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu130 \
 #       -t airflow-llmops-runtime:dev-cu130 .
+#   # Azure ML sweep jobs: trials log their metric to the workspace's MLflow (azureml:// needs its plugin)
+#   docker build -f docker/runtime.Dockerfile --build-arg EXTRA_PACKAGES=azureml-mlflow -t airflow-llmops-runtime:azure .
 FROM python:3.11-slim
 
 # Must equal TORCH_VERSION in scripts/bootstrap.sh (checked by tests/unit/test_docker.py).
 ARG TORCH_VERSION=2.13.0
 # Default: the CPU build. Installed with pip before everything else, so the resolver keeps it.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Packages beyond the lock's (space-separated requirement specifiers), e.g. azureml-mlflow for Azure ML sweeps.
+ARG EXTRA_PACKAGES=""
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -39,7 +43,7 @@ RUN python -m venv "$VIRTUAL_ENV" \
 COPY airflow_llmops/ airflow_llmops/
 
 RUN --mount=type=cache,target=/root/.cache/uv \
-    UV_LINK_MODE=copy uv pip install -c requirements/lock.txt ".[local,mlflow,serving,storage]" \
+    UV_LINK_MODE=copy uv pip install -c requirements/lock.txt ".[local,mlflow,serving,storage]" ${EXTRA_PACKAGES} \
  && python -c "import airflow_llmops, torch, s3fs, gcsfs, adlfs; print('airflow-llmops', airflow_llmops.__version__, 'torch', torch.__version__)"
 
 COPY --chmod=0755 docker/runtime-entrypoint.sh /usr/local/bin/runtime-entrypoint.sh

@@ -1,10 +1,19 @@
-"""A tuning trial's metric reported to Vertex AI's hyperparameter tuning service, as ``cloudml-hypertune`` does it.
+"""A tuning trial's metric reported to the cloud's tuning service: Vertex AI's hypertune file, or Azure ML's
+MLflow run.
 
-The service reads JSON lines from ``$CLOUD_ML_HP_METRIC_FILE`` (default ``/tmp/hypertune/output.metrics``) in
-the trial's container: ``{"global_step": "120", "<metric>": "0.8125", "timestamp": 1764400000.5, "trial": "3"}``;
-the last line is the trial's final measurement, earlier ones the intermediate measurements automated stopping
-compares. The metric to report is named by ``$LLMOPS_HP_METRIC`` (set by the adapter's tuning job; outside a
-tuning trial nothing is written).
+Vertex AI reads JSON lines from ``$CLOUD_ML_HP_METRIC_FILE`` (default ``/tmp/hypertune/output.metrics``) in the
+trial's container, as ``cloudml-hypertune`` writes them:
+``{"global_step": "120", "<metric>": "0.8125", "timestamp": 1764400000.5, "trial": "3"}``; the last line is the
+trial's final measurement, earlier ones the intermediate measurements automated stopping compares.
+
+Azure ML's sweep jobs read the primary metric from the trial's own MLflow run (the workspace's tracking server,
+which Azure ML names in the trial's ``$MLFLOW_TRACKING_URI`` / ``$MLFLOW_RUN_ID``); each value logged is one
+evaluation interval for the early-termination policy. The runtime keeps those two as ``$LLMOPS_HP_MLFLOW_URI`` /
+``$LLMOPS_HP_MLFLOW_RUN_ID`` (the training itself logs to the pipeline's MLflow server), and a trial with them set
+reports there instead of the file.
+
+The metric to report is named by ``$LLMOPS_HP_METRIC`` (set by the adapter's tuning job; outside a tuning trial
+nothing is reported).
 """
 
 from __future__ import annotations
@@ -18,16 +27,28 @@ from pathlib import Path
 ENV_METRIC = "LLMOPS_HP_METRIC"
 ENV_FILE = "CLOUD_ML_HP_METRIC_FILE"
 DEFAULT_FILE = "/tmp/hypertune/output.metrics"
+#: Azure ML: the workspace's MLflow server and the trial's run there (what Azure ML injected as
+#: ``MLFLOW_TRACKING_URI`` / ``MLFLOW_RUN_ID``).
+ENV_MLFLOW_URI = "LLMOPS_HP_MLFLOW_URI"
+ENV_MLFLOW_RUN = "LLMOPS_HP_MLFLOW_RUN_ID"
 
 
 def report(metrics: Mapping[str, object], step: int, env: Mapping[str, str] | None = None) -> str | None:
-    """Append the tuned metric's value at ``step``; returns the line written (``None``: not a trial, or the
-    metric is not among ``metrics``)."""
+    """Report the tuned metric's value at ``step``; returns what was reported (``None``: not a trial, or the
+    metric is not among ``metrics``). Azure ML's MLflow run when the trial has one, else Vertex's file."""
     env = os.environ if env is None else env
     name = env.get(ENV_METRIC)
     value = metrics.get(name) if name else None
     if not name or not isinstance(value, int | float) or isinstance(value, bool):
         return None
+    run_id = env.get(ENV_MLFLOW_RUN)
+    if run_id:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=env.get(ENV_MLFLOW_URI) or None).log_metric(
+            run_id, name, float(value), step=int(step)
+        )
+        return f"{name}={float(value)} at step {int(step)} to the sweep trial's MLflow run {run_id}"
     line = json.dumps(
         {
             "global_step": str(int(step)),

@@ -975,20 +975,28 @@ class _VertexOutcome:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.uri = env.get(ENV_RESULT_URI) or None
         self.chief = True  # until the cluster is known: a broken CLUSTER_SPEC breaks every replica alike
+        self.tuned: dict[str, str] = {}  # a tuning trial's values, as the service passed them
+
+    def _record(self, payload: dict[str, Any]) -> None:
+        if self.uri is not None and self.chief:
+            write_result(self.uri, {**payload, **({"tuned": self.tuned} if self.tuned else {})})
 
     def failed(self, message: str, code: int, tail: Sequence[str] = ()) -> int:
-        if self.uri is not None and self.chief:
-            lines = [line for line in tail if line.strip()]
-            write_result(self.uri, {"state": "failed", "message": message, "exit_code": code, "log_tail": lines})
+        lines = [line for line in tail if line.strip()]
+        self._record({"state": "failed", "message": message, "exit_code": code, "log_tail": lines})
         return vertex_failure(message, code)
 
     def succeeded(self, status: Mapping[str, Any], env: Mapping[str, str]) -> int:
-        if self.uri is not None and self.chief:
-            keys = ("metrics", "mlflow_run_id", "resumed_from_step", "world_size", "global_step", "model_uri")
-            write_result(self.uri, {"state": "succeeded", **{k: status.get(k) for k in keys}})
         if self.chief and env.get(hypertune.ENV_METRIC):  # a tuning trial: its final measurement
             metrics = status.get("metrics") or {}
-            line = hypertune.report(metrics, int(status.get("global_step") or 0), env)
+            try:
+                line = hypertune.report(metrics, int(status.get("global_step") or 0), env)
+            except Exception as err:  # the service cannot score the trial: it failed
+                return self.failed(
+                    f"the trial could not report {env[hypertune.ENV_METRIC]} to the tuning service: "
+                    f"{type(err).__name__}: {err}",
+                    1,
+                )
             if line is None:
                 print(
                     f"[runtime] the tuned metric {env[hypertune.ENV_METRIC]!r} is not among the training's metrics "
@@ -997,6 +1005,8 @@ class _VertexOutcome:
                 )
             else:
                 print(f"[runtime] hypertune: {line}", flush=True)
+        keys = ("metrics", "mlflow_run_id", "resumed_from_step", "world_size", "global_step", "model_uri")
+        self._record({"state": "succeeded", **{k: status.get(k) for k in keys}})
         return 0
 
 
@@ -1042,6 +1052,7 @@ def train_vertex(env: Mapping[str, str] | None = None, args: Sequence[str] = ())
         cluster = parse_cluster_spec(env.get(ENV_CLUSTER_SPEC))
         outcome.chief = cluster.node_rank == 0
         spec = load_vertex_spec(env, args)
+        outcome.tuned = parse_tuned_args(args)
         rendezvous = _rendezvous(cluster, env)
         interval = _sync_interval(env)
         vjob = VertexJob.from_env(env, cluster)
@@ -1101,8 +1112,55 @@ _AZUREML_STOP = (
 )
 
 
+#: A sweep trial's outputs: ``<uri>/<$AZUREML_RUN_ID>/model``, ``.../checkpoints``, ``.../llmops/result.json``
+#: (each trial of one sweep job gets its own folder; the adapter finds the best trial's model there).
+ENV_TRIAL_OUTPUT_URI = "LLMOPS_TRIAL_OUTPUT_URI"
+#: The pipeline's MLflow server (empty: no tracking). Azure ML sets ``$MLFLOW_TRACKING_URI`` / ``$MLFLOW_RUN_ID``
+#: to the workspace's own tracking server in every job, over what the job asked for, so the adapter passes the
+#: pipeline's under this name.
+ENV_PIPELINE_TRACKING_URI = "LLMOPS_MLFLOW_TRACKING_URI"
+#: What Azure ML injects for its own MLflow server (and must not reach the pipeline's: the token is a credential).
+_AZUREML_MLFLOW = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_TOKEN")
+
+
 def is_azureml(env: Mapping[str, str]) -> bool:
     return any(env.get(name) for name in AZUREML_MARKERS)
+
+
+def azureml_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Azure ML's job environment as the training needs it:
+
+    - a sweep trial (``$LLMOPS_TRIAL_OUTPUT_URI``): its model, checkpoints and result under its own run's folder;
+    - a sweep trial (``$LLMOPS_HP_METRIC``): the workspace's MLflow run that Azure ML created for the trial kept as
+      ``$LLMOPS_HP_MLFLOW_URI`` / ``$LLMOPS_HP_MLFLOW_RUN_ID``, where the trial reports the tuned metric;
+    - ``$LLMOPS_MLFLOW_TRACKING_URI`` set: the training logs there (Azure ML's MLflow variables removed, its token
+      included); unset: Azure ML's own MLflow stays, as in any Azure ML job."""
+    out = dict(env)
+    run = next((env[m] for m in AZUREML_MARKERS if env.get(m)), "")
+    base = env.get(ENV_TRIAL_OUTPUT_URI, "").rstrip("/")
+    if base:
+        if not run:
+            raise ContractError(f"{ENV_TRIAL_OUTPUT_URI} is set but Azure ML gave the trial no AZUREML_RUN_ID")
+        out[ENV_MODEL_DIR] = f"{base}/{run}/model"
+        out[ENV_CHECKPOINT_DIR] = f"{base}/{run}/checkpoints"
+        out[ENV_RESULT_URI] = f"{base}/{run}/llmops/result.json"
+    if env.get(hypertune.ENV_METRIC) and not env.get(hypertune.ENV_MLFLOW_RUN):
+        if not (env.get("MLFLOW_TRACKING_URI") and env.get("MLFLOW_RUN_ID")):
+            raise ContractError(
+                "a sweep trial reports its metric to the MLflow run Azure ML creates for it, but MLFLOW_TRACKING_URI "
+                "/ MLFLOW_RUN_ID are not set (is this a sweep job's trial?)"
+            )
+        out[hypertune.ENV_MLFLOW_URI] = env["MLFLOW_TRACKING_URI"]
+        out[hypertune.ENV_MLFLOW_RUN] = env["MLFLOW_RUN_ID"]
+    if ENV_PIPELINE_TRACKING_URI in env:
+        for name in _AZUREML_MLFLOW:
+            out.pop(name, None)
+        pipeline = out.pop(ENV_PIPELINE_TRACKING_URI)
+        if pipeline:
+            out["MLFLOW_TRACKING_URI"] = pipeline
+        else:
+            out.pop("MLFLOW_TRACKING_URI", None)
+    return out
 
 
 def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
@@ -1137,11 +1195,16 @@ def train_azureml(env: Mapping[str, str] | None = None, args: Sequence[str] = ()
     Vertex AI, so a preempted low-priority job resumes), the outcome to ``$LLMOPS_RESULT_URI``; the local working
     folder is ``$LLMOPS_WORK_DIR/node-<rank>`` (default ``<tmp>/llmops-runtime/<$AZUREML_RUN_ID>``)."""
     env = dict(os.environ if env is None else env)
+    try:
+        env = azureml_env(env)
+    except ContractError as err:
+        return _VertexOutcome(env).failed(str(err), EXIT_BAD_INPUT)
     outcome = _VertexOutcome(env)
     try:
         cluster = azureml_cluster(env)
         outcome.chief = cluster.node_rank == 0
         spec = load_vertex_spec(env, args)
+        outcome.tuned = parse_tuned_args(args)
         where = (
             env.get(ENV_MASTER_ADDR) or cluster.master_host,
             _int_env(env, ENV_MASTER_PORT, _int_env(env, "MASTER_PORT", DEFAULT_MASTER_PORT)),

@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 _XCOM_TRIALS = 50  # the full trial list is in result.json and MLflow; XCom keeps the first ones
-_CLOUD = ("sagemaker", "vertex")
-_NAME_MAX = {"sagemaker": 32, "vertex": 128}  # the tuning job's name (SageMaker) or display name (Vertex)
-_TITLE = {"sagemaker": "SageMaker", "vertex": "Vertex AI"}
+_CLOUD = ("sagemaker", "vertex", "azureml")
+# The tuning job's name (SageMaker, Azure ML: its trials' folders are under it) or display name (Vertex).
+_NAME_MAX = {"sagemaker": 32, "vertex": 128, "azureml": 64}
+_TITLE = {"sagemaker": "SageMaker", "vertex": "Vertex AI", "azureml": "Azure ML"}
 
 
 class TuneHyperparametersOperator(LLMOpsBaseOperator):
@@ -115,7 +116,7 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
             return self._execute_cloud(context, platform)
         if platform != "local":
             raise AirflowFailException(
-                f"{self.task_id}: tuning runs on the local, {' and '.join(_CLOUD)} platforms, not {self.platform!r}"
+                f"{self.task_id}: tuning runs on the local, {', '.join(_CLOUD)} platforms, not {self.platform!r}"
             )
         spec = self.tuning_spec()
         job_name = self.job_name(context)
@@ -150,9 +151,9 @@ class TuneHyperparametersOperator(LLMOpsBaseOperator):
         }
 
     def _execute_cloud(self, context: Context, name: str) -> dict[str, Any]:
-        """A SageMaker or Vertex AI tuning job: submitted (or found again on a retry), watched, its best trial
-        handed on. ``spec.timeout_s`` on Vertex (which has no study deadline): the job is cancelled when it passes
-        and the best trial so far is taken."""
+        """A SageMaker or Vertex AI tuning job or an Azure ML sweep job: submitted (or found again on a retry),
+        watched, its best trial handed on. ``spec.timeout_s`` on Vertex (which has no study deadline): the job is
+        cancelled when it passes and the best trial so far is taken."""
         import time
 
         from airflow_llmops.platforms import get_platform, job_name_for

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from airflow.sdk import DAG, Param
 
-from airflow_llmops.operators import DeployModelOperator, RolloutOperator
+from airflow_llmops.operators import DeployModelOperator, RolloutOperator, TuneHyperparametersOperator
 from airflow_llmops.operators.drift import DriftCheckOperator
 
 with DAG(
@@ -69,4 +69,44 @@ with DAG(
         policy="{{ params.policy }}",
         artifact_root="{{ params.artifact_root }}",
         mlflow_tracking_uri="",
+    )
+
+with DAG(
+    "llmops_test_azureml_tune",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    render_template_as_native_obj=True,
+    default_args={"retries": 0, "owner": "llmops"},
+    params={
+        "dataset_uri": Param("", type="string"),
+        "n_trials": Param(2, type="integer"),
+        "sampler": Param("random", type="string", enum=["random", "tpe"]),
+        "mlflow_tracking_uri": Param("", type="string"),
+    },
+) as tune_dag:
+    # The workspace, compute, image and output_uri come from [llmops] azureml_*.
+    TuneHyperparametersOperator(
+        task_id="tune",
+        platform="azureml",
+        platform_conn_id="azure_ml_default",
+        poll_interval=1,
+        dataset_uri="{{ params.dataset_uri }}",
+        mlflow_tracking_uri="{{ params.mlflow_tracking_uri }}",
+        spec={
+            "training": {
+                "max_steps": 4,
+                "per_device_batch_size": 8,
+                "max_seq_length": 32,
+                "log_every_steps": 2,
+                "checkpoint_every_steps": 1000,
+                "distributed": {"nproc_per_node": 1},
+            },
+            "search_space": {
+                "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+                "warmup_ratio": {"type": "categorical", "choices": [0.0, 0.1]},
+            },
+            "n_trials": "{{ params.n_trials }}",
+            "sampler": "{{ params.sampler }}",
+            "metric": "eval_accuracy",
+        },
     )

@@ -154,3 +154,74 @@ def test_service_refusals_name_the_call_and_the_resource(standin: Any, tmp_path:
         PlatformRefusedError, match=r"creating command job no-compute .*Compute gpu-cluster is not found"
     ):
         get_platform("azureml", **settings).submit_training(spec, job_name="no-compute")
+
+
+def test_a_sweep_job_tunes_on_azure_ml_and_hands_on_the_best_trial(
+    standin: Any, airflow_db: Path, mlflow_server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from conftest import prepare_chatterbot
+    from dags_under_test import load_dag
+    from mlflow.tracking import MlflowClient
+
+    dataset = prepare_chatterbot(tmp_path / "data", topics="ai,food,greetings,money")
+    datastore = standin.root / "datastore"
+    for key, value in {
+        "AZUREML_SUBSCRIPTION_ID": standin.subscription_id,
+        "AZUREML_RESOURCE_GROUP": standin.resource_group,
+        "AZUREML_WORKSPACE_NAME": standin.workspace_name,
+        "AZUREML_COMPUTE": "cpu-cluster",
+        "AZUREML_IMAGE": "llmops.azurecr.io/llmops/runtime:test",
+        "AZUREML_OUTPUT_URI": datastore.as_uri(),
+    }.items():
+        monkeypatch.setenv(f"AIRFLOW__LLMOPS__{key}", value)
+    dag = load_dag("llmops_test_azureml_tune", folder="tests/dags", module="llmops_test_azureml", attr="tune_dag")
+    run = dag.test(run_conf={"dataset_uri": str(dataset), "n_trials": 2, "mlflow_tracking_uri": mlflow_server.url})
+    ti = run.get_task_instance("tune")
+    assert ti.state == "success", standin.errors
+    out = ti.xcom_pull(task_ids="tune")
+
+    sweep = standin.ml_client().jobs.get(out["job_name"])
+    assert sweep.type == "sweep" and sweep.status == "Completed"
+    assert sweep.objective.primary_metric == "eval_accuracy" and sweep.limits.max_total_trials == 2
+    assert sweep.properties["best_child_run_id"] == out["best_training_job"]
+    values = [t["value"] for t in out["trials"]]
+    assert len(values) == 2 and out["best_value"] == max(v for v in values if v is not None)
+    best = out["best_params"]
+    assert 1e-5 <= best["learning_rate"] <= 1e-3 and best["warmup_ratio"] in (0.0, 0.1)
+    assert out["best_training_spec"]["learning_rate"] == best["learning_rate"]
+    assert out["best_training_spec"]["dataset_uri"] == str(dataset)
+
+    # The best trial trained with its sampled values (the runtime applied the --name=value arguments) ...
+    trial = out["best_training_job"]
+    used = [json.loads(p.read_text()) for p in (standin.root / "jobs" / trial).rglob("spec.json")]
+    assert used and used[0]["learning_rate"] == pytest.approx(best["learning_rate"]), used
+    assert used[0]["warmup_ratio"] == best["warmup_ratio"]
+    # ... reported the tuned metric to the MLflow run Azure ML gave it (the sweep's source of scores) ...
+    workspace = MlflowClient(tracking_uri=standin.tracking_uri)
+    history = workspace.get_metric_history(standin.job_mlflow_run(trial), "eval_accuracy")
+    assert history and history[-1].value == pytest.approx(out["best_value"])
+    # ... while the training itself logged to the pipeline's MLflow server, not the workspace's.
+    result = json.loads((datastore / "tuning" / out["job_name"] / trial / "llmops/result.json").read_text())
+    logged = MlflowClient(tracking_uri=mlflow_server.url).get_run(result["mlflow_run_id"])
+    assert logged.data.metrics["eval_accuracy"] == pytest.approx(out["best_value"])
+    assert result["tuned"]["learning_rate"] and not workspace.get_run(standin.job_mlflow_run(trial)).data.params
+    model = Path(out["best_model_uri"].removeprefix("file://"))
+    assert model.parent.name == trial and (model / "config.json").is_file(), model
+
+
+def test_a_sweep_azure_ml_cannot_run_is_refused_before_any_call(standin: Any, tmp_path: Path) -> None:
+    from airflow_llmops.platforms.azureml.requests import AzureMLConfigError
+    from airflow_llmops.specs.tuning import TuningSpec
+
+    platform = _platform(standin)
+    calls = len(standin.calls)
+    tuning = TuningSpec.parse(
+        {
+            "training": {"dataset_uri": str(tmp_path)},
+            "search_space": {"learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}},
+            "sampler": "tpe",
+        }
+    )
+    with pytest.raises(AzureMLConfigError, match=r"learning_rate is log-scaled.*sampler='random'"):
+        platform.submit_tuning(tuning, job_name="bayesian-log")
+    assert len(standin.calls) == calls

@@ -37,7 +37,19 @@ builds; responses carry the service's defaults (ids, ``systemData``, ``provision
   computed from the requests routed, in grains of ``interval`` from the timespan's start; ``$filter`` terms
   ``dim eq 'value'`` (``'*'`` splits by the dimension) joined by ``and``.
 
-Not emulated: code and data uploads, registered models, sweep jobs, pipelines, batch endpoints, keys rotation,
+* Every job gets Azure ML's MLflow variables over its own (``MLFLOW_TRACKING_URI`` = the workspace's tracking store,
+  here a SQLite store under the root, :attr:`AzureMLStandIn.tracking_uri`; ``MLFLOW_RUN_ID`` = the job's run there,
+  created before the job starts; ``MLFLOW_EXPERIMENT_ID``; ``MLFLOW_TRACKING_TOKEN``).
+* Sweep jobs (``jobType`` Sweep): ``searchSpace`` (choice, uniform, loguniform, quniform, qloguniform, randint) sampled
+  at random whatever ``samplingAlgorithm`` says (Bayesian sampling's rule — choice, uniform and quniform only — is
+  checked), each trial a command job ``<sweep>_<n>`` of ``trial`` with ``${{search_space.x}}`` substituted, at most
+  ``limits.maxConcurrentTrials`` at once up to ``maxTotalTrials``; a trial's score is the last value of
+  ``objective.primaryMetric`` in its MLflow run; the sweep ends Completed with ``properties.best_child_run_id`` (Failed
+  when no trial scored), cancel cancels its trials. No early termination and no ``limits.timeout``. The trials are
+  listed through run history (``GET {discovery api}/history/v1.0/.../runs/<sweep>/children``, the workspace's
+  ``discoveryUrl`` answered too).
+
+Not emulated: code and data uploads, registered models, early termination, pipelines, batch endpoints, keys rotation,
 identity and RBAC (any token passes). :attr:`AzureMLStandIn.calls` lists the requests (``"VERB /path"``, the
 workspace prefix shortened to ``~``), :attr:`AzureMLStandIn.errors` what went wrong inside (a test asserts it
 stays empty).
@@ -163,6 +175,10 @@ class _Job:
     stopping: str | None = None
     stop_sent: float | None = None
     preemptions: int = 0
+    mlflow_run: str | None = None
+    parent: str | None = None
+    children: list[str] = field(default_factory=list)
+    score: float | None = None
 
     @property
     def status(self) -> str:
@@ -257,6 +273,9 @@ class AzureMLStandIn:
         self._keys: dict[str, str] = {}
         self._stopping = threading.Event()
         self._ticker: threading.Thread | None = None
+        self.tracking_uri = f"sqlite:///{self.root / 'workspace-mlflow.db'}"
+        self._mlflow: Any = None
+        self._experiment = ""
         for name, env in (environments or {"llmops-runtime:1": {"image": "llmops.azurecr.io/runtime:test"}}).items():
             env_name, _, version = name.partition(":")
             self._put(self._env_id(env_name, version), self._environment(env_name, version, dict(env)))
@@ -387,6 +406,12 @@ class AzureMLStandIn:
         with self._lock:
             return list(self._requests)
 
+    def job_mlflow_run(self, name: str) -> str | None:
+        """The run Azure ML's MLflow (:attr:`tracking_uri`) holds for a job (a sweep trial reports its metric there)."""
+        with self._lock:
+            job = self._jobs.get(name.lower())
+        return None if job is None else job.mlflow_run
+
     def job_logs(self, name: str) -> list[str]:
         with self._lock:
             job = self._jobs[name.lower()]
@@ -478,6 +503,9 @@ class AzureMLStandIn:
             job.resource["systemData"]["lastModifiedAt"] = _now()
 
     def _advance_job(self, job: _Job) -> None:
+        if job.resource["properties"].get("jobType") == "Sweep":
+            self._advance_sweep(job)
+            return
         status = job.status
         if status == "NotStarted":
             self._set_status(job, "Canceled" if job.cancel else "Starting")
@@ -518,9 +546,183 @@ class AzureMLStandIn:
         if job.stopping == "cancel":
             self._set_status(job, "Canceled")
         elif all(c == 0 for c in codes):
+            if job.parent is not None:
+                job.score = self._score_of(job)
             self._set_status(job, "Completed")
         else:
             self._set_status(job, "Failed")
+
+    # -- MLflow and sweeps -----------------------------------------------------------------------------------------
+    def _workspace_mlflow(self) -> Any:
+        with self._lock:
+            if self._mlflow is None:
+                from mlflow.tracking import MlflowClient
+
+                client = MlflowClient(tracking_uri=self.tracking_uri)
+                self._experiment = client.create_experiment("azureml-standin")
+                self._mlflow = client
+            return self._mlflow
+
+    def _azure_mlflow_env(self, job: _Job) -> dict[str, str]:
+        """What Azure ML sets in every job for its own MLflow server (over the job's own variables)."""
+        client = self._workspace_mlflow()
+        if job.mlflow_run is None:
+            job.mlflow_run = client.create_run(self._experiment, run_name=job.name).info.run_id
+        return {
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_RUN_ID": str(job.mlflow_run),
+            "MLFLOW_EXPERIMENT_ID": str(self._experiment),
+            "MLFLOW_TRACKING_TOKEN": "standin-workspace-token",
+        }
+
+    def _score_of(self, trial: _Job) -> float | None:
+        assert trial.parent is not None
+        with self._lock:
+            sweep = self._jobs[trial.parent.lower()]
+        metric = sweep.resource["properties"]["objective"]["primaryMetric"]
+        history = self._workspace_mlflow().get_metric_history(trial.mlflow_run, metric)
+        return float(history[-1].value) if history else None
+
+    def _sample(self, space: Mapping[str, Any]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, (kind, args) in space.items():
+            if kind == "choice":
+                values[name] = self._random.choice(args[0])
+            elif kind == "randint":
+                values[name] = self._random.randrange(int(args[0]))
+            elif kind in ("uniform", "quniform"):
+                drawn = self._random.uniform(args[0], args[1])
+                values[name] = round(drawn / args[2]) * args[2] if kind == "quniform" else drawn
+            elif kind in ("loguniform", "qloguniform"):
+                drawn = math.exp(self._random.uniform(args[0], args[1]))
+                values[name] = round(drawn / args[2]) * args[2] if kind == "qloguniform" else drawn
+            else:
+                raise ValueError(f"the stand-in does not sample {kind!r} ({name})")
+        return values
+
+    def _advance_sweep(self, job: _Job) -> None:
+        props = job.resource["properties"]
+        with self._lock:
+            trials = [self._jobs[c.lower()] for c in job.children]
+        running = [t for t in trials if t.status not in _TERMINAL]
+        if job.cancel:
+            for trial in running:
+                trial.cancel = True
+            if not running:
+                self._set_status(job, "Canceled")
+            elif job.status != "CancelRequested":
+                self._set_status(job, "CancelRequested")
+            return
+        if job.status == "NotStarted":
+            self._set_status(job, "Running")
+        limits = props.get("limits") or {}
+        total = int(limits.get("maxTotalTrials") or 1)
+        parallel = int(limits.get("maxConcurrentTrials") or total)
+        while len(job.children) < total and len(running) < parallel:
+            running.append(self._start_trial(job, len(job.children)))
+        if running:
+            return
+        scored = [t for t in trials if t.status == "Completed" and t.score is not None]
+        if not scored:
+            self._set_status(job, "Failed")
+            return
+        maximize = str(props["objective"]["goal"]).lower() == "maximize"
+        best = (max if maximize else min)(scored, key=lambda t: float(t.score or 0.0))
+        with self._lock:
+            props["properties"] = {**(props.get("properties") or {}), "best_child_run_id": best.name}
+        self._set_status(job, "Completed")
+
+    def _start_trial(self, sweep: _Job, index: int) -> _Job:
+        props = sweep.resource["properties"]
+        trial = dict(props["trial"])
+        values = self._sample(props["searchSpace"])
+
+        def value(match: re.Match[str]) -> str:
+            return str(values[match.group(1)])
+
+        command = re.sub(r"\$\{\{\s*search_space\.([A-Za-z0-9_]+)\s*\}\}", value, str(trial["command"]))
+        name = f"{sweep.name}_{index}"
+        body = {
+            "properties": {
+                "jobType": "Command",
+                "command": command,
+                "environmentId": trial["environmentId"],
+                "computeId": props["computeId"],
+                "environmentVariables": dict(trial.get("environmentVariables") or {}),
+                "distribution": trial.get("distribution"),
+                "resources": trial.get("resources") or {"instanceCount": 1},
+                "experimentName": props.get("experimentName", "Default"),
+                "displayName": name,
+                "tags": {"hyperparameters": json.dumps(values)},
+            }
+        }
+        resource = self._new_job(name, body)
+        child = _Job(name, resource, parent=sweep.name)
+        with self._lock:
+            self._jobs[name.lower()] = child
+            sweep.children.append(name)
+        return child
+
+    def _check_sweep(self, props: Mapping[str, Any]) -> None:
+        trial = props.get("trial") or {}
+        for required in ("command", "environmentId"):
+            if not trial.get(required):
+                raise ArmError(400, "UserError", f"trial.{required} is required for a sweep job")
+        objective = props.get("objective") or {}
+        if not objective.get("primaryMetric") or str(objective.get("goal", "")).lower() not in (
+            "maximize",
+            "minimize",
+        ):
+            raise ArmError(400, "UserError", "objective needs primaryMetric and goal (maximize or minimize)")
+        space = props.get("searchSpace") or {}
+        if not space:
+            raise ArmError(400, "UserError", "searchSpace is required for a sweep job")
+        named = set(re.findall(r"\$\{\{\s*search_space\.([A-Za-z0-9_]+)\s*\}\}", str(trial["command"])))
+        if named - set(space):
+            unknown = sorted(named - set(space))
+            raise ArmError(400, "UserError", f"the trial's command names {unknown}, which searchSpace does not")
+        algorithm = str((props.get("samplingAlgorithm") or {}).get("samplingAlgorithmType", ""))
+        if algorithm not in ("Random", "Grid", "Bayesian"):
+            raise ArmError(400, "UserError", f"samplingAlgorithmType {algorithm!r} is not Random, Grid or Bayesian")
+        kinds = {name: entry[0] for name, entry in space.items()}
+        allowed = {"Bayesian": ("choice", "uniform", "quniform"), "Grid": ("choice",)}.get(algorithm)
+        if allowed and any(k not in allowed for k in kinds.values()):
+            raise ArmError(400, "UserError", f"{algorithm} sampling supports {', '.join(allowed)} only, got {kinds}")
+        if not (props.get("limits") or {}).get("maxTotalTrials"):
+            raise ArmError(400, "UserError", "limits.maxTotalTrials is required for a sweep job")
+
+    def _history_route(self, method: str, path: str) -> tuple[int, Any, dict[str, str]]:
+        """Run history's child runs of a job (what ``jobs.list(parent_job_name=...)`` reads) and the discovery
+        document that names run history's host."""
+        if path == "/discovery":
+            host = f"https://{self.location}.api.azureml.ms"
+            names = ("api", "catalog", "experimentation", "gallery", "history", "hyperdrive", "labeling", "pipelines")
+            return 200, {**{n: host for n in names}, "modelmanagement": host, "studio": "https://ml.azure.com"}, {}
+        match = re.fullmatch(r"/history/v1\.0(/subscriptions/.+/workspaces/[^/]+)/runs/([^/]+)/children", path)
+        if method != "GET" or match is None or match.group(1).lower() != self.workspace_id.lower():
+            raise ArmError(404, "NotFound", f"the stand-in does not serve {method} {path}")
+        with self._lock:
+            parent = self._jobs.get(match.group(2).lower())
+            if parent is None:
+                raise ArmError(404, "UserError", f"Run {match.group(2)} is not found.")
+            children = [self._jobs[c.lower()] for c in parent.children]
+            runs = [
+                {
+                    "runId": c.name,
+                    "parentRunId": parent.name,
+                    "rootRunId": parent.name,
+                    "displayName": c.resource["properties"].get("displayName", c.name),
+                    "status": c.status,
+                    "experimentId": str(uuid.UUID(int=5)),
+                    "tags": dict(c.resource["properties"].get("tags") or {}),
+                    "properties": {},
+                    "runType": "azureml.scriptrun",
+                    "createdUtc": c.resource["systemData"]["createdAt"],
+                    "compute": {"target": str(c.resource["properties"]["computeId"]).rsplit("/", 1)[-1]},
+                }
+                for c in children
+            ]
+        return 200, {"value": runs}, {}
 
     def _launch(self, job: _Job) -> None:
         """Start one process per instance (a new attempt: fresh folders, new log files)."""
@@ -554,7 +756,8 @@ class AzureMLStandIn:
                 "LLMOPS_WORK_DIR": str(node.folder),
                 "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
             }
-            env = child_env({**self.container_env, **(props.get("environmentVariables") or {}), **azure})
+            own = {**self.container_env, **(props.get("environmentVariables") or {})}
+            env = child_env({**own, **azure, **self._azure_mlflow_env(job)})  # Azure ML's variables win
             with node.log.open("ab") as log:
                 node.popen = subprocess.Popen(
                     ["bash", "-c", command],
@@ -693,6 +896,8 @@ class AzureMLStandIn:
         try:
             if parsed.netloc.endswith(".inference.ml.azure.com"):
                 return self._score(parsed.netloc.split(".", 1)[0], headers, body)
+            if parsed.netloc == f"{self.location}.api.azureml.ms":
+                return self._history_route(method, path)
             if parsed.netloc != "management.azure.com":
                 raise ArmError(404, "NotFound", f"no such host {parsed.netloc}")
             if "api-version" not in query:
@@ -907,15 +1112,20 @@ class AzureMLStandIn:
 
     def _new_job(self, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
         props = dict(body.get("properties") or {})
-        if props.get("jobType") != "Command":
-            raise ArmError(400, "UserError", f"the stand-in runs Command jobs only, got {props.get('jobType')!r}")
-        for required in ("command", "environmentId", "computeId"):
-            if not props.get(required):
+        if props.get("jobType") not in ("Command", "Sweep"):
+            raise ArmError(400, "UserError", f"the stand-in runs Command and Sweep jobs, got {props.get('jobType')!r}")
+        if props["jobType"] == "Sweep":
+            self._check_sweep(props)
+        runs = props["trial"] if props["jobType"] == "Sweep" else props  # what runs: the job, or each trial
+        for required in ("command", "environmentId"):
+            if not runs.get(required):
                 raise ArmError(400, "UserError", f"{required} is required for a command job")
+        if not props.get("computeId"):
+            raise ArmError(400, "UserError", "computeId is required for a command job")
         compute = str(props["computeId"]).rsplit("/", 1)[-1]
         if compute not in self.computes:
             raise ArmError(400, "UserError", f"Compute {compute} is not found in workspace {self.workspace_name}.")
-        env_id = str(props["environmentId"])
+        env_id = str(runs["environmentId"])
         if env_id.startswith("/"):
             self._get(env_id)  # a 404 when the environment is not registered
         tier = (props.get("queueSettings") or {}).get("jobTier")

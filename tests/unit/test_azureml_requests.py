@@ -60,7 +60,8 @@ def test_a_two_node_spot_job_is_one_command_job_with_a_pytorch_distribution() ->
     out = "abfs://llmops@acct.dfs.core.windows.net/llmops/training/llmops-train-abc"
     assert env["LLMOPS_DATASET_URI"] == DATA and env["LLMOPS_RESULT_URI"] == f"{out}/llmops/result.json"
     assert (env["LLMOPS_MODEL_DIR"], env["LLMOPS_CHECKPOINT_DIR"]) == (f"{out}/model", f"{out}/checkpoints")
-    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    # Azure ML sets MLFLOW_TRACKING_URI to the workspace's server in every job: the pipeline's travels apart.
+    assert env["LLMOPS_MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and "MLFLOW_TRACKING_URI" not in env
     assert job["environment"] == {"image": "llmops.azurecr.io/llmops/runtime:1"}
     assert job["name"] == job["display_name"] == "llmops-train-abc" and job["tags"]["llmops-job"] == job["name"]
     single = R.command_job(_spec(), job_name="j", settings=SETTINGS)
@@ -287,3 +288,64 @@ def test_service_errors_are_refusals_or_retryable(status: int, refused: bool) ->
     assert (
         str(found) == f"Azure ML reading endpoint chat (workspace llmops-ws) failed: HTTP {status}: the service said no"
     )
+
+
+def _tuning(**overrides: object) -> Any:
+    from airflow_llmops.specs.tuning import TuningSpec
+
+    space = {
+        "learning_rate": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+        "warmup_ratio": {"type": "float", "low": 0.0, "high": 0.2},
+        "per_device_batch_size": {"type": "int", "low": 8, "high": 32, "step": 8},
+        "lora.r": {"type": "categorical", "choices": [4, 8]},
+        "precision": {"type": "categorical", "choices": ["fp32", "bf16"]},
+    }
+    return TuningSpec.parse(
+        {"training": {"dataset_uri": DATA}, "search_space": space, "sampler": "random", **overrides}
+    )
+
+
+def test_a_tuning_spec_is_a_sweep_of_the_training_command_job() -> None:
+    body = R.sweep_job(_tuning(n_trials=6, timeout_s=1800.5), job_name="tune-1", settings=SETTINGS)
+    trial, sweep = body["trial"], body["sweep"]
+    space = sweep["search_space"]
+    assert space["learning_rate"]["kind"] == "LogUniform"
+    assert space["learning_rate"]["min_value"] == pytest.approx(-11.5129, abs=1e-3)  # natural logs of the bounds
+    assert space["warmup_ratio"] == {"kind": "Uniform", "min_value": 0.0, "max_value": 0.2}
+    assert space["per_device_batch_size"] == {"kind": "QUniform", "min_value": 8.0, "max_value": 32.0, "q": 8}
+    assert space["lora.r"] == {"kind": "Choice", "values": [4, 8]}
+    assert sweep["sampling_algorithm"] == "random" and sweep["goal"] == "Maximize"
+    assert sweep["primary_metric"] == "eval_accuracy"
+    assert sweep["limits"] == {"max_total_trials": 6, "max_concurrent_trials": 2, "timeout": 1801}
+    assert sweep["early_termination"]["kind"] == "MedianStoppingPolicy"
+    # Each value reaches the runtime as --name=value (quoted: Azure ML substitutes text into the command line).
+    assert "'--lora.r=${{inputs.lora__r}}'" in trial["command"]
+    env = trial["environment_variables"]
+    assert env["LLMOPS_TRIAL_OUTPUT_URI"] == "abfs://llmops@acct.dfs.core.windows.net/llmops/tuning/tune-1"
+    assert env["LLMOPS_HP_METRIC"] == "eval_accuracy" and "LLMOPS_MODEL_DIR" not in env
+    # Azure ML sets MLFLOW_TRACKING_URI to the workspace's server in every job: the pipeline's travels apart.
+    assert env["LLMOPS_MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and "MLFLOW_TRACKING_URI" not in env
+
+
+def test_the_sdk_builds_the_sweep_job_we_describe() -> None:
+    require_module("azure.ai.ml")
+    body = R.sweep_job(_tuning(), job_name="tune-1", settings=SETTINGS)
+    rest = get_platform("azureml", **SETTINGS.__dict__)._sweep(body)._to_job()._to_rest_object().as_dict()
+    props = rest["properties"]
+    assert props["jobType"] == "Sweep" and props["computeId"] == "gpu-cluster"
+    assert props["searchSpace"]["lora__r"] == ["choice", [[4, 8]]]
+    assert props["searchSpace"]["learning_rate"][0] == "loguniform"
+    assert props["objective"] == {"goal": "maximize", "primaryMetric": "eval_accuracy"}
+    assert props["earlyTermination"]["policyType"] == "MedianStopping"
+    assert props["limits"]["maxTotalTrials"] == 10 and props["limits"]["maxConcurrentTrials"] == 2
+    assert "'--lora.r=${{search_space.lora__r}}'" in props["trial"]["command"]
+    assert props["tags"]["llmops-metric"] == "eval_accuracy"
+
+
+def test_a_sweep_azure_ml_cannot_take_is_refused_by_name() -> None:
+    with pytest.raises(AzureMLConfigError, match="initial_trials has no Azure ML equivalent"):
+        R.sweep_job(_tuning(initial_trials=[{"learning_rate": 1e-4}]), job_name="t", settings=SETTINGS)
+    with pytest.raises(AzureMLConfigError, match=r"search_space.learning_rate is log-scaled"):
+        R.sweep_job(_tuning(sampler="tpe"), job_name="t", settings=SETTINGS)
+    minimize = R.sweep_job(_tuning(metric="eval_loss", pruner="none"), job_name="t", settings=SETTINGS)["sweep"]
+    assert minimize["goal"] == "Minimize" and "early_termination" not in minimize

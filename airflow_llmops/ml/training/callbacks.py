@@ -81,7 +81,7 @@ class ProgressCallback(TrainerCallback):
             self.echo(f"[train] step {state.global_step} validation: " + _short(evaluation))
             if self.metrics_sink is not None:
                 self.metrics_sink(state.global_step, evaluation)
-            hypertune.report(evaluation, state.global_step)  # a Vertex tuning trial's intermediate measurement
+            hypertune.report(evaluation, state.global_step)  # a tuning trial's intermediate measurement (Vertex, Azure)
         if "loss" not in logs:
             return
         self._last_loss = logs["loss"]

@@ -268,6 +268,117 @@ class AzureML:
             "console_url": handle.console_url,
         }
 
+    # == tuning (sweep jobs) ===================================================================================
+    def _sweep(self, body: Mapping[str, Any]) -> Any:
+        """The sweep job entity: the trial's command with one input per searched value, swept by
+        ``azure.ai.ml.sweep`` distributions (the SDK turns ``${{inputs.x}}`` into ``${{search_space.x}}``)."""
+        from azure.ai.ml import sweep as S
+
+        trial, sweep = dict(body["trial"]), body["sweep"]
+        space = {R.input_name(name): dict(d) for name, d in sweep["search_space"].items()}
+        defaults = {k: (d["values"][0] if d["kind"] == "Choice" else d["min_value"]) for k, d in space.items()}
+        node = self._command({**trial, "inputs": defaults})
+        distributions = {k: getattr(S, d.pop("kind"))(**d) for k, d in space.items()}
+        policy = None
+        if sweep.get("early_termination"):
+            options = dict(sweep["early_termination"])
+            policy = getattr(S, options.pop("kind"))(**options)
+        job = node(**distributions).sweep(
+            compute=trial["compute"],
+            sampling_algorithm=sweep["sampling_algorithm"],
+            primary_metric=sweep["primary_metric"],
+            goal=sweep["goal"],
+            early_termination_policy=policy,
+        )
+        job.set_limits(**sweep["limits"])
+        job.name = trial["name"]
+        job.display_name = trial["display_name"]
+        job.experiment_name = trial["experiment_name"]
+        job.tags = dict(trial["tags"])
+        return job
+
+    def submit_tuning(self, tuning: Any, *, job_name: str) -> dict[str, Any]:
+        """Start (or find, on a retry) the sweep job for a :class:`~airflow_llmops.specs.tuning.TuningSpec` (see
+        :func:`requests.sweep_job`)."""
+        body = R.sweep_job(tuning, job_name=job_name, settings=self.settings)  # refuses bad input before any call
+        job = self._find_job(job_name)
+        if job is None:
+            job = self._call(f"creating sweep job {job_name}", self.ml().jobs.create_or_update, self._sweep(body))
+        return {
+            "job_name": job_name,
+            "resource": str(job.name),
+            "console_url": getattr(job, "studio_url", None) or self._studio(f"runs/{job.name}"),
+        }
+
+    def _trials(self, job_name: str, metric: str) -> list[dict[str, Any]]:
+        """The sweep's trials (child jobs, from Azure ML's run history) with what each trial's runtime recorded
+        (the values it trained with, its metrics) under ``<output_uri>/tuning/<job>/<trial>/``."""
+        children = self._call(
+            f"listing the trials of sweep job {job_name}",
+            lambda: [c for c in self.ml().jobs.list(parent_job_name=job_name) if c is not None],
+        )
+        base = self.settings.path("tuning", job_name)
+        trials = []
+        for child in sorted(children, key=lambda c: str(c.name)):
+            status = _status(child)
+            state = _STATES.get(status, JobState.RUNNING)
+            result = read_json_uri(f"{base}/{child.name}/llmops/result.json") if state.is_terminal else {}
+            value = (result.get("metrics") or {}).get(metric)
+            trials.append(
+                {
+                    "trial": str(child.name),
+                    "training_job": str(child.name),
+                    "status": status,
+                    "params": {k.replace("__", "."): v for k, v in (result.get("tuned") or {}).items()},
+                    "value": float(value) if isinstance(value, int | float) and state is JobState.SUCCEEDED else None,
+                    "model_uri": f"{base}/{child.name}/model" if state is JobState.SUCCEEDED else None,
+                    "message": result.get("message"),
+                }
+            )
+        return trials
+
+    def tuning_status(self, job_name: str) -> dict[str, Any]:
+        """``state`` (a JobState value), ``message``, the trials by status and the best trial so far (Azure ML's
+        ``best_child_run_id`` once the sweep has one, else the best scored trial)."""
+        job = self._find_job(job_name)
+        if job is None:
+            return {"state": JobState.FAILED.value, "message": f"sweep job {job_name} does not exist"}
+        status = _status(job)
+        objective = getattr(job, "objective", None)
+        metric = str(getattr(objective, "primary_metric", "") or (job.tags or {}).get(R.TAG_METRIC, ""))
+        maximize = str(getattr(objective, "goal", "maximize")).lower() == "maximize"
+        trials = self._trials(job_name, metric)
+        counters: dict[str, int] = {}
+        for trial in trials:
+            counters[trial["status"]] = counters.get(trial["status"], 0) + 1
+        scored = [t for t in trials if t["value"] is not None]
+        named = (job.properties or {}).get("best_child_run_id")
+        best = next((t for t in scored if t["trial"] == named), None)
+        if best is None and scored:
+            best = (max if maximize else min)(scored, key=lambda t: t["value"])
+        failed = [f"{t['trial']}: {t['message']}" for t in trials if t["message"] and t["value"] is None]
+        return {
+            "state": _STATES.get(status, JobState.RUNNING).value,
+            "message": status + (("; " + "; ".join(failed[:3])) if failed else ""),
+            "counters": counters,
+            "best": best,
+        }
+
+    def tuning_trials(self, job_name: str) -> list[dict[str, Any]]:
+        job = self._find_job(job_name)
+        if job is None:
+            return []
+        metric = str(getattr(getattr(job, "objective", None), "primary_metric", "") or "")
+        return self._trials(job_name, metric)
+
+    def stop_tuning(self, job_name: str) -> None:
+        job = self._find_job(job_name)
+        if job is None or _STATES.get(_status(job), JobState.RUNNING).is_terminal:
+            return
+        poller = self._call(f"cancelling sweep job {job_name}", self.ml().jobs.begin_cancel, job_name)
+        with contextlib.suppress(Exception):  # the cancel is accepted; the trials end on their own time
+            poller.result(timeout=min(self.settings.wait_timeout_s, 60.0))
+
     # == deployment ============================================================================================
     def _get_endpoint(self, endpoint: str) -> Any | None:
         return self._call(f"reading endpoint {endpoint}", self.ml().online_endpoints.get, endpoint, missing_ok=True)

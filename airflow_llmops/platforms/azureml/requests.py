@@ -5,6 +5,8 @@ before any API call, readable and testable as data. The adapter turns them into 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +27,11 @@ SCORING_ROUTE = "/invocations"
 #: Azure ML's limit on mirrored traffic: one deployment, at most this share of the live traffic.
 MAX_MIRROR_PERCENT = 50
 TRAIN_COMMAND = "python -m airflow_llmops.ml.runtime train"
+TAG_METRIC = "llmops-metric"
+#: The runtime's contract (``airflow_llmops.ml.runtime``; not imported here: it pulls the training stack).
+PIPELINE_TRACKING_ENV = "LLMOPS_MLFLOW_TRACKING_URI"
+TRIAL_OUTPUT_ENV = "LLMOPS_TRIAL_OUTPUT_URI"
+HP_METRIC_ENV = "LLMOPS_HP_METRIC"
 #: Azure ML names (jobs, endpoints, deployments): letters, digits and hyphens, starting with a letter.
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]$")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,254}$")
@@ -64,6 +71,7 @@ class AzureMLSettings:
     :param output_uri: where job outputs, checkpoints, results and rollout records live (``abfs://container@
         account.dfs.core.windows.net/prefix``), read and written with fsspec by the adapter and the runtime.
     :param instance_type: the deployments' VM size; ``instance_count`` their instances (without autoscaling).
+    :param max_parallel_trials: trials of a sweep job that run at once.
     """
 
     azure_conn_id: str | None = "azure_ml_default"
@@ -82,6 +90,7 @@ class AzureMLSettings:
     data_collection: bool = True
     wait_timeout_s: float = 3600.0
     poll_s: float = 15.0
+    max_parallel_trials: int = 2
 
     def require(self, *names: str) -> None:
         hints = {
@@ -211,7 +220,7 @@ def command_job(spec: TrainingSpec, *, job_name: str, settings: AzureMLSettings)
     output = settings.path("training", job_name)
     payload = spec.model_copy(update={"dataset_uri": None, "output_uri": None}).to_json()
     env = {
-        **{k: str(v) for k, v in settings.env.items()},
+        **job_env(settings),
         "LLMOPS_SPEC": payload,
         "LLMOPS_DATASET_URI": dataset,
         "LLMOPS_MODEL_DIR": f"{output}/model",
@@ -238,6 +247,88 @@ def command_job(spec: TrainingSpec, *, job_name: str, settings: AzureMLSettings)
     if spec.distributed.instance_type:
         job["instance_type"] = spec.distributed.instance_type
     return job
+
+
+def job_env(settings: AzureMLSettings) -> dict[str, str]:
+    """A job's environment from the settings' ``env``: the pipeline's MLflow server as
+    ``$LLMOPS_MLFLOW_TRACKING_URI`` (empty: no tracking), because Azure ML sets ``MLFLOW_TRACKING_URI`` in every job
+    to the workspace's own server, over what the job asks for; the runtime hands it to the training."""
+    env = {k: str(v) for k, v in settings.env.items()}
+    env[PIPELINE_TRACKING_ENV] = env.pop("MLFLOW_TRACKING_URI", "")
+    return env
+
+
+def input_name(param: str) -> str:
+    """A search-space key as a job input's name (``lora.r`` → ``lora__r``: inputs are identifiers)."""
+    return param.replace(".", "__")
+
+
+def search_range(name: str, rng: Any, algorithm: str) -> dict[str, Any]:
+    """One :class:`~airflow_llmops.specs.tuning.ParamRange` as an ``azure.ai.ml.sweep`` distribution: ``kind`` (the
+    class) and its keyword arguments. Log ranges are ``LogUniform``/``QLogUniform`` over the natural logs of the
+    bounds (Azure ML draws ``exp(uniform(min, max))``); stepped and integer ranges are quantized (``QUniform``, step
+    1 for integers); choices are ``Choice`` (JSON text for lists and objects). Bayesian sampling takes choice,
+    uniform and quniform only: a log range is refused for it before any call."""
+    if rng.type == "categorical":
+        values = [c if isinstance(c, str | int | float) else json.dumps(c) for c in rng.choices]
+        return {"kind": "Choice", "values": values}
+    low, high = float(rng.low), float(rng.high)
+    if rng.log:
+        if algorithm == "bayesian":
+            raise AzureMLConfigError(
+                f"search_space.{name} is log-scaled, which Azure ML's Bayesian sampling (sampler='tpe') does not "
+                "take (choice, uniform and quniform only): use sampler='random', or list the values as choices"
+            )
+        if rng.type == "int":
+            return {"kind": "QLogUniform", "min_value": math.log(low), "max_value": math.log(high), "q": 1}
+        return {"kind": "LogUniform", "min_value": math.log(low), "max_value": math.log(high)}
+    if rng.type == "int" or rng.step is not None:
+        return {"kind": "QUniform", "min_value": low, "max_value": high, "q": rng.step or 1}
+    return {"kind": "Uniform", "min_value": low, "max_value": high}
+
+
+def sweep_job(tuning: Any, *, job_name: str, settings: AzureMLSettings) -> dict[str, Any]:
+    """A sweep job for a :class:`~airflow_llmops.specs.tuning.TuningSpec`: the training's command job
+    (:func:`command_job`) as the trial, the trial's values as ``--name=value`` arguments (the runtime applies them
+    to the spec), ``tuning.metric`` as the primary metric (the runtime logs it to the trial's MLflow run in Azure
+    ML's workspace), each trial's outputs under ``<output_uri>/tuning/<job>/<trial run id>/``.
+
+    ``tpe`` → Bayesian sampling, ``random`` → random; the ``median`` pruner → a median stopping policy on every
+    reported evaluation; ``timeout_s`` → the sweep's own timeout; ``max_parallel_trials`` concurrent trials.
+    ``initial_trials`` has no Azure ML equivalent and is refused before any call."""
+    if tuning.initial_trials:
+        raise AzureMLConfigError(
+            "initial_trials has no Azure ML equivalent (a sweep samples every trial): remove it, or tune on the "
+            "local platform"
+        )
+    algorithm = "bayesian" if tuning.sampler == "tpe" else "random"
+    space = {name: search_range(name, rng, algorithm) for name, rng in tuning.search_space.items()}
+    job = command_job(tuning.training, job_name=job_name, settings=settings)
+    env = job["environment_variables"]
+    for name in ("LLMOPS_MODEL_DIR", "LLMOPS_CHECKPOINT_DIR", "LLMOPS_RESULT_URI"):
+        env.pop(name)
+    env[TRIAL_OUTPUT_ENV] = settings.path("tuning", job_name)
+    env[HP_METRIC_ENV] = tuning.metric
+    # Quoted: a choice may hold spaces or JSON; Azure ML substitutes the value into the command line as text.
+    args = "".join(f" '--{name}=${{{{inputs.{input_name(name)}}}}}'" for name in space)
+    job["command"] = TRAIN_COMMAND + args
+    job["tags"] = {**job["tags"], TAG_METRIC: tuning.metric}
+    limits: dict[str, Any] = {
+        "max_total_trials": tuning.n_trials,
+        "max_concurrent_trials": max(1, min(settings.max_parallel_trials, tuning.n_trials)),
+    }
+    if tuning.timeout_s:
+        limits["timeout"] = math.ceil(tuning.timeout_s)
+    sweep: dict[str, Any] = {
+        "search_space": space,
+        "sampling_algorithm": algorithm,
+        "primary_metric": tuning.metric,
+        "goal": "Maximize" if tuning.resolved_direction == "maximize" else "Minimize",
+        "limits": limits,
+    }
+    if tuning.pruner == "median":
+        sweep["early_termination"] = {"kind": "MedianStoppingPolicy", "evaluation_interval": 1, "delay_evaluation": 1}
+    return {"trial": job, "sweep": sweep}
 
 
 def serving_environment(settings: AzureMLSettings) -> dict[str, Any] | str:

@@ -46,3 +46,46 @@ def test_serve_takes_the_deployments_model_folder(tmp_path: Path) -> None:
     (model / "config.json").write_text("{}")
     argv = runtime.serve_argv([], {"LLMOPS_MODEL_STORAGE_URI": model.as_uri(), "LLMOPS_VARIANT_NAME": "blue"})
     assert argv[argv.index("--model") + 1] == f"blue={model}" and argv[argv.index("--port") + 1] == "8080"
+
+
+def test_a_sweep_trial_keeps_its_outputs_apart_and_reports_to_azure_mls_mlflow_run() -> None:
+    azure = {
+        "AZUREML_RUN_ID": "tune-1_3",
+        "MLFLOW_TRACKING_URI": "azureml://eastus.api.azureml.ms/mlflow/v1.0/subscriptions/s",
+        "MLFLOW_RUN_ID": "tune-1_3",
+        "MLFLOW_EXPERIMENT_ID": "e1",
+        "MLFLOW_TRACKING_TOKEN": "workspace-token",
+    }
+    env = runtime.azureml_env(
+        {
+            **azure,
+            "LLMOPS_TRIAL_OUTPUT_URI": "abfs://c@a.dfs.core.windows.net/llmops/tuning/tune-1/",
+            "LLMOPS_HP_METRIC": "eval_accuracy",
+            "LLMOPS_MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        }
+    )
+    assert env["LLMOPS_MODEL_DIR"] == "abfs://c@a.dfs.core.windows.net/llmops/tuning/tune-1/tune-1_3/model"
+    assert env["LLMOPS_RESULT_URI"].endswith("/tune-1/tune-1_3/llmops/result.json")
+    assert env["LLMOPS_CHECKPOINT_DIR"].endswith("/tune-1/tune-1_3/checkpoints")
+    # The metric goes to the run Azure ML made for the trial; the training logs to the pipeline's server, and
+    # neither Azure's run id nor its token reaches it.
+    assert env["LLMOPS_HP_MLFLOW_URI"] == azure["MLFLOW_TRACKING_URI"] and env["LLMOPS_HP_MLFLOW_RUN_ID"] == "tune-1_3"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert not {"MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_TOKEN"} & set(env)
+
+
+def test_azure_mls_own_mlflow_stays_unless_the_pipeline_names_one() -> None:
+    azure = {"AZUREML_RUN_ID": "job-1", "MLFLOW_TRACKING_URI": "azureml://x", "MLFLOW_RUN_ID": "job-1"}
+    assert runtime.azureml_env(azure) == azure  # a user's own command job: Azure ML's tracking as usual
+    untracked = runtime.azureml_env({**azure, "LLMOPS_MLFLOW_TRACKING_URI": ""})
+    assert "MLFLOW_TRACKING_URI" not in untracked and "MLFLOW_RUN_ID" not in untracked
+    with pytest.raises(runtime.ContractError, match="MLFLOW_RUN_ID are not set"):
+        runtime.azureml_env({"AZUREML_RUN_ID": "job-1", "LLMOPS_HP_METRIC": "eval_accuracy"})
+
+
+def test_the_requests_and_the_runtime_name_the_same_variables() -> None:
+    from airflow_llmops.ml import hypertune
+    from airflow_llmops.platforms.azureml import requests as R
+
+    assert R.PIPELINE_TRACKING_ENV == runtime.ENV_PIPELINE_TRACKING_URI
+    assert R.TRIAL_OUTPUT_ENV == runtime.ENV_TRIAL_OUTPUT_URI and R.HP_METRIC_ENV == hypertune.ENV_METRIC
