@@ -6,7 +6,7 @@ import json
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.sdk import Asset, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowFailException
@@ -45,6 +45,10 @@ def _write_files(folder: ObjectStoragePath, files: Mapping[str, bytes]) -> None:
 
 class PrepareDatasetOperator(LLMOpsBaseOperator):
     """Read a dataset, normalise it, remove exact and near duplicates, split it and count its tokens.
+
+    With ``task="chat"`` each record is a conversation (``{"messages": [{"role": ..., "content": ...}, ...]}``),
+    kept as one row whose ``messages`` column holds the normalised conversation as JSON; its tokens are counted
+    on :func:`~airflow_llmops.ml.data.chat.render_chat`'s text and the manifest counts conversations and turns.
 
     Writes ``train/validation/test.parquet``, ``removed.parquet`` (every dropped record with its reason),
     ``rejected_input.parquet`` (unreadable input lines, if any) and ``manifest.json`` to ``output_uri``
@@ -85,9 +89,11 @@ class PrepareDatasetOperator(LLMOpsBaseOperator):
         if spec.resolved_format == "chatterbot":
             from airflow_llmops.ml.data.chatterbot import load_chatterbot
 
-            return load_chatterbot(
-                spec.source, kind="classification" if spec.task == "classification" else "dialog"
-            ), None
+            kind: Literal["classification", "dialog", "chat"] = (
+                "dialog" if spec.task == "causal_lm" else "chat" if spec.task == "chat" else "classification"
+            )
+            frame = load_chatterbot(spec.source, kind=kind)
+            return frame.rename(columns={"messages": spec.messages_field}), None
         path = as_storage_path(spec.source, spec.conn_id)
         return read_table(path, spec.resolved_format, max_record_bytes=spec.max_record_bytes)
 
@@ -147,7 +153,7 @@ class PrepareDatasetOperator(LLMOpsBaseOperator):
                     "rows": rows,
                 }
         DatasetLink().persist(context, display_uri(out / "manifest.json"))
-        return {
+        summary = {
             "dataset_uri": display_uri(out),
             "content_hash": manifest["content_hash"],
             "rows": rows,
@@ -155,11 +161,18 @@ class PrepareDatasetOperator(LLMOpsBaseOperator):
             "rejected_input_rows": manifest["rejected_input_rows"],
             "tokens": {name: split["tokens"] for name, split in manifest["splits"].items()},
         }
+        if spec.task == "chat":
+            summary["turns"] = {name: split["turns"] for name, split in manifest["splits"].items()}
+        return summary
 
 
 class ValidateDatasetOperator(LLMOpsBaseOperator):
     """Gate a prepared dataset with Great Expectations: schema, emptiness, token lengths, labels, duplicates,
     invalid characters and personal data.
+
+    A chat dataset (``task="chat"``) is checked per conversation and message: format, roles, role sequence,
+    empty turns, invalid characters, personal data and the rendered conversation's token length; each reason
+    names the message (``role_sequence:message 2 (expected 'user', got 'assistant')``).
 
     Failing rows go to ``<dataset>/validation/quarantine.parquet`` with their reasons; when their share is at
     most ``max_quarantine_fraction`` the clean rows continue as ``<dataset>/validated/``, otherwise the task
@@ -230,6 +243,7 @@ class ValidateDatasetOperator(LLMOpsBaseOperator):
                     docs_dir=Path(tmp) / "report",
                     extra_expectations=self.extra_expectations or None,
                     suite=self.suite,
+                    chat=manifest.get("task") == "chat",
                 )
             except ValueError as err:
                 raise AirflowFailException(f"cannot validate {self.dataset_uri}: {err}") from None

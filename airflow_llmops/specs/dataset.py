@@ -10,6 +10,9 @@ from typing_extensions import Self
 from airflow_llmops.specs.base import Spec
 
 TaskType = Literal["classification", "causal_lm"]
+# What a dataset can be prepared for: the training tasks, and conversations in the OpenAI messages format. "chat"
+# is not (yet) a TrainingSpec task, so it is not part of TaskType, which TrainingSpec shares.
+DatasetTaskType = Literal["classification", "causal_lm", "chat"]
 SUPPORTED_SCHEMES = ("file", "s3", "gs", "gcs", "abfs", "abfss", "az", "chatterbot")
 
 
@@ -38,17 +41,22 @@ class DatasetSpec(Spec):
     ``source`` is an object-storage URI (``file://``, ``s3://``, ``gs://``, ``abfs://``) of a JSONL, CSV or
     Parquet file or folder, or ``chatterbot://<language>`` for the dialog corpus shipped by the
     ``chatterbot-corpus`` package (``chatterbot://english``).
+
+    ``task="chat"`` reads conversations: each record's ``messages_field`` holds a list of
+    ``{"role": "system"|"user"|"assistant", "content": "..."}`` objects (a JSON list in JSONL, a list or a JSON
+    string in Parquet/CSV); ``chatterbot://`` gives each corpus dialog as alternating user/assistant turns.
     """
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     source: str = Field(min_length=1)
     format: Literal["auto", "jsonl", "csv", "parquet", "chatterbot"] = "auto"
     conn_id: str | None = Field(default=None, description="Airflow connection for the source's object store")
-    task: TaskType = "classification"
+    task: DatasetTaskType = "classification"
     text_field: str = Field(default="text", min_length=1)
     label_field: str | None = "label"
     prompt_field: str = Field(default="prompt", min_length=1)
     response_field: str = Field(default="response", min_length=1)
+    messages_field: str = Field(default="messages", min_length=1, description="task 'chat': the conversation field")
     split: SplitSpec = Field(default_factory=SplitSpec)
     near_duplicate_threshold: float = Field(
         default=0.9, gt=0, le=1, description="Jaccard similarity at or above which two records are near-duplicates"

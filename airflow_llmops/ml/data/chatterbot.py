@@ -1,4 +1,5 @@
-"""The multilingual dialog corpus of the ``chatterbot-corpus`` package as topic-classification or dialog data."""
+"""The multilingual dialog corpus of the ``chatterbot-corpus`` package as topic-classification, dialog or chat
+data."""
 
 from __future__ import annotations
 
@@ -45,10 +46,19 @@ def _conversations(path: str) -> list[list[str]]:
     return out
 
 
-def load_chatterbot(uri: str, kind: Literal["classification", "dialog"] = "classification") -> pd.DataFrame:
-    """Rows of (text, label=topic) for classification, or (prompt, response, label=topic) for dialog.
+def as_messages(turns: list[str]) -> list[dict[str, str]]:
+    """One corpus dialog as a conversation: turns alternate user/assistant from the first; a last turn that
+    nobody answers is left out (a conversation ends with the assistant). Fewer than two turns: no conversation."""
+    answered = turns[: len(turns) - len(turns) % 2]
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": turn} for i, turn in enumerate(answered)]
 
-    Each dialog yields one row per consecutive pair of turns. Row order is fixed (topic, dialog, turn).
+
+def load_chatterbot(uri: str, kind: Literal["classification", "dialog", "chat"] = "classification") -> pd.DataFrame:
+    """Rows of (text, label=topic) for classification, (prompt, response, label=topic) for dialog, or
+    (messages) for chat.
+
+    For dialog each corpus dialog yields one row per consecutive pair of turns; for chat one conversation (see
+    :func:`as_messages`). Row order is fixed (topic, dialog, turn).
     """
     language, topics = parse_uri(uri)
     folder = os.path.join(corpus_root(), language)
@@ -58,12 +68,14 @@ def load_chatterbot(uri: str, kind: Literal["classification", "dialog"] = "class
     unknown = sorted(set(topics or []) - set(available))
     if unknown:
         raise DatasetError(f"chatterbot {language} has no topics {unknown}; available: {', '.join(available)}")
-    rows: list[dict[str, str]] = []
+    rows: list[dict[str, Any]] = []
     for topic in topics or available:
         for conv in _conversations(os.path.join(folder, f"{topic}.yml")):
             if kind == "classification":
                 rows.extend({"text": turn, "label": topic} for turn in conv)
-            else:
+            elif kind == "dialog":
                 rows.extend({"prompt": a, "response": b, "label": topic} for a, b in itertools.pairwise(conv))
-    columns = ["text", "label"] if kind == "classification" else ["prompt", "response", "label"]
-    return pd.DataFrame(rows, columns=columns)
+            elif len(conv) >= 2:
+                rows.append({"messages": as_messages(conv)})
+    columns = {"classification": ["text", "label"], "dialog": ["prompt", "response", "label"], "chat": ["messages"]}
+    return pd.DataFrame(rows, columns=columns[kind])

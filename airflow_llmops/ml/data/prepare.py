@@ -1,5 +1,8 @@
 """Prepare LLM text data: normalise, remove exact and near duplicates, split by a stable hash, count tokens.
 
+Conversations (``task="chat"``) go the same way as one record each: the normalised conversation is kept as
+canonical JSON in a ``messages`` column, its identity, duplicates and tokens come from that conversation.
+
 Every removed record is kept in ``removed`` with its reason, and the output is byte-identical on every re-run
 over the same input (records are processed in an order fixed by their content hash, never by input order).
 """
@@ -19,6 +22,14 @@ from typing import Any
 
 import pandas as pd
 
+from airflow_llmops.ml.data.chat import (
+    FORMAT_EXAMPLE,
+    count_turns,
+    dumps_messages,
+    loads_messages,
+    normalise_messages,
+    render_lenient,
+)
 from airflow_llmops.ml.data.errors import DatasetError
 from airflow_llmops.ml.data.sources import REASON_COLUMN
 from airflow_llmops.specs import DatasetSpec
@@ -53,11 +64,55 @@ def content_columns(spec: DatasetSpec, columns: pd.Index) -> list[str]:
     missing = [c for c in required if c not in columns]
     if missing:
         found = [c for c in columns if not str(c).startswith("_")]
+        hint = f"; the source holds conversations ({spec.messages_field!r}): set task='chat'"
         raise DatasetError(
             f"dataset {spec.name!r} has no column(s) {missing}; found {found}. Set text_field / label_field "
             "(or prompt_field / response_field) in the DatasetSpec to the source's column names"
+            + (hint if spec.messages_field in columns else "")
         )
     return wanted
+
+
+def _require_messages(spec: DatasetSpec, records: pd.DataFrame) -> None:
+    """A chat source must have the messages field; say which file lacks it and what chat data looks like."""
+    if spec.messages_field in records.columns:
+        return
+    found = [str(c) for c in records.columns if not str(c).startswith("_")]
+    files = sorted(set(records["_source_file"].astype(str))) if "_source_file" in records.columns else [spec.source]
+    shown = ", ".join(files[:3]) + (f" (and {len(files) - 3} more files)" if len(files) > 3 else "")
+    raise DatasetError(
+        f"dataset {spec.name!r} has task 'chat' but {shown} has no field {spec.messages_field!r} (found {found}). "
+        f"Chat data holds one conversation per record as a list of role/content messages, e.g. the JSONL line "
+        f"{FORMAT_EXAMPLE}. Set messages_field in the DatasetSpec to the field holding that list"
+    )
+
+
+def _chat_cell(value: object) -> str:
+    """A conversation as canonical JSON; "" for a missing or empty one (removed as ``empty``)."""
+    conversation = normalise_messages(value)
+    if conversation is None or conversation == [] or (isinstance(conversation, str) and not conversation.strip()):
+        return ""
+    return dumps_messages(conversation)
+
+
+def _content_frame(records: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame, list[str], str | None]:
+    """The normalised content columns (with ``label`` where there is one), their names, and the label field."""
+    if spec.task == "chat":
+        _require_messages(spec, records)
+        return pd.DataFrame({"messages": records[spec.messages_field].map(_chat_cell)}), ["messages"], None
+    fields = content_columns(spec, records.columns)
+    label = spec.label_field if spec.label_field in records.columns else None
+    frame = pd.DataFrame({c: records[c].map(normalise_text) for c in fields})
+    if label:
+        frame["label"] = records[label].map(normalise_text)
+    return frame, fields, label
+
+
+def _texts(frame: pd.DataFrame, fields: list[str], chat: bool) -> list[str]:
+    """What duplicates are judged and tokens counted on: the rendered conversation, or the joined fields."""
+    if chat:
+        return [render_lenient(loads_messages(value)) for value in frame["messages"]]
+    return [" ".join(parts) for parts in frame[fields].itertuples(index=False)]
 
 
 @dataclass
@@ -124,11 +179,8 @@ def prepare_records(
             f"dataset {spec.name!r} has 0 readable rows ({len(rejected)} rejected lines); check the source "
             f"{spec.source}"
         )
-    fields = content_columns(spec, records.columns)
-    label = spec.label_field if spec.label_field in records.columns else None
-    frame = pd.DataFrame({c: records[c].map(normalise_text) for c in fields})
-    if label:
-        frame["label"] = records[label].map(normalise_text)
+    frame, fields, label = _content_frame(records, spec)
+    chat = spec.task == "chat"
     frame["record_id"] = [_digest(*row) for row in frame[fields].itertuples(index=False)]
     # Where each record came from, so that a removed record can be found in the source.
     refs = [c for c in ("source_file", "source_line") if f"_{c}" in records.columns]
@@ -161,15 +213,14 @@ def prepare_records(
         removed.append(frame[exact].assign(**{REASON_COLUMN: "exact_duplicate"}))
     frame = frame[~exact]
 
-    joined = [" ".join(parts) for parts in frame[fields].itertuples(index=False)]
-    near = _near_duplicates(list(frame["record_id"]), joined, spec.near_duplicate_threshold)
+    near = _near_duplicates(list(frame["record_id"]), _texts(frame, fields, chat), spec.near_duplicate_threshold)
     is_near = frame["record_id"].isin(near)
     if is_near.any():
         reasons = frame.loc[is_near, "record_id"].map(lambda rid: f"near_duplicate_of:{near[rid]}")
         removed.append(frame[is_near].assign(**{REASON_COLUMN: reasons}))
     frame = frame[~is_near].copy()
 
-    texts = [" ".join(parts) for parts in frame[fields].itertuples(index=False)]
+    texts = _texts(frame, fields, chat)
     counts = count_tokens(texts) if count_tokens else [len(t.split()) for t in texts]
     frame["n_tokens"] = pd.array(counts, dtype="int64")
     frame["split"] = frame["record_id"].map(lambda rid: _split_of(rid, spec))
@@ -207,6 +258,9 @@ def build_manifest(
     per_split: dict[str, Any] = {}
     for name, frame in splits.items():
         entry: dict[str, Any] = {"rows": len(frame), "tokens": _token_stats(frame["n_tokens"])}
+        if spec.task == "chat" and "messages" in frame.columns:
+            entry["conversations"] = len(frame)
+            entry["turns"] = int(sum(count_turns(value) for value in frame["messages"]))
         if "label" in frame.columns:
             entry["labels"] = {str(k): int(v) for k, v in frame["label"].value_counts().sort_index().items()}
         per_split[name] = entry

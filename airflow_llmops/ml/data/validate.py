@@ -7,6 +7,9 @@ rows and we need every failing ``record_id`` to quarantine it with its reason.
 What GX sees is a privacy-safe copy: text columns with personal data already replaced by placeholders, plus
 helper columns (``__pii_*`` counts, ``__duplicate``, ``__label_rows``, ``__whitespace_tokens``) that let
 built-in expectations express checks GX has no expectation for. Reports therefore never carry the values.
+
+Conversations (a ``messages`` column, see :mod:`airflow_llmops.ml.data.validate_chat`) are checked per message:
+format, roles, role sequence, empty turns, invalid characters, personal data and the rendered token length.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ __all__ = ["QUARANTINE_COLUMN", "ValidationResult", "validate_dataset"]
 
 QUARANTINE_COLUMN = "quarantine_reasons"
 BUILTIN_SUITE = "llmops_text_dataset"
+CHAT_SUITE = "llmops_chat_dataset"
 DEFAULT_TEXT_COLUMNS = ("text", "prompt", "response")
+CHAT_COLUMN = "messages"
 _HELPER_PREFIX = "__"
 
 
@@ -59,6 +64,7 @@ class _Plan:
     pii_redacted: dict[str, int]
     row_checks: dict[str, tuple[pd.Series, pd.Series]]  # check → (failing-row mask, reason per row)
     details: dict[str, tuple[str, list[str]]]  # dataset-level check → (explanation, example record ids)
+    chat: bool = False  # conversations in a ``messages`` column
 
 
 def validate_dataset(
@@ -68,8 +74,12 @@ def validate_dataset(
     docs_dir: Path | None = None,
     extra_expectations: Sequence[Expectation] | None = None,
     suite: ExpectationSuite | None = None,
+    chat: bool | None = None,
 ) -> ValidationResult:
     """Validate prepared records; quarantine failing rows; gate on dataset checks, quarantine size and PII.
+
+    ``chat``: the records are conversations (a ``messages`` column of JSON lists of role/content messages);
+    ``None`` decides by the columns (``messages`` and none of text/prompt/response).
 
     ``extra_expectations`` are added to the built-in suite; ``suite`` replaces it (the spec's row checks then
     do not apply, but PII is still redacted, or quarantined and gated, as ``spec.pii_action`` says). A failing
@@ -85,13 +95,20 @@ def validate_dataset(
     clashes = [c for c in df.columns if str(c).startswith(_HELPER_PREFIX)]
     if clashes:
         raise ValueError(f"column names starting with {_HELPER_PREFIX!r} are reserved for helper columns: {clashes}")
-    plan = _plan(df, spec, builtin=suite is None)
+    if chat is None:
+        chat = is_chat(df, spec)
+    if chat:
+        from airflow_llmops.ml.data.validate_chat import plan_chat
+
+        plan = plan_chat(df, spec, builtin=suite is None)
+    else:
+        plan = _plan(df, spec, builtin=suite is None)
     report_dir = Path(docs_dir) if docs_dir is not None else Path(tempfile.mkdtemp(prefix="llmops-validation-"))
     report_dir.mkdir(parents=True, exist_ok=True)
     with quiet_gx():
         if suite is None:
             name, expectations = (
-                BUILTIN_SUITE,
+                CHAT_SUITE if plan.chat else BUILTIN_SUITE,
                 [*builtin_expectations(suite_layout(plan), spec), *(extra_expectations or [])],
             )
         else:
@@ -109,6 +126,16 @@ def suite_layout(plan: _Plan) -> SuiteLayout:
         label_domain=plan.label_domain,
         token_column=plan.token_column,
         token_source=plan.token_source,
+        chat=plan.chat,
+    )
+
+
+def is_chat(df: pd.DataFrame, spec: ValidationSpec) -> bool:
+    """Conversations: a ``messages`` column, no text columns asked for and none of the default ones present."""
+    return (
+        CHAT_COLUMN in df.columns
+        and spec.text_columns is None
+        and not any(column in df.columns for column in DEFAULT_TEXT_COLUMNS)
     )
 
 
@@ -249,6 +276,12 @@ def _row_checks(plan: _Plan, spec: ValidationSpec) -> None:
         else:
             invalid = is_str & text.str.contains(INVALID_CHARS, regex=True)
         checks[f"invalid_chars:{column}"] = (invalid, pd.Series(f"invalid_chars:{column}", index=frame.index))
+    token_and_label_checks(plan, spec)
+
+
+def token_and_label_checks(plan: _Plan, spec: ValidationSpec) -> None:
+    """Row verdicts on the token count (``n_tokens`` or the helper count) and on the label, for text and chat."""
+    frame, checks = plan.gx_frame, plan.row_checks
     tokens = pd.to_numeric(frame[plan.token_column], errors="coerce")
     shown = tokens.map(lambda value: "missing" if pd.isna(value) else f"{value:g}")
     reason = pd.Series("token_length:missing", index=frame.index)

@@ -32,6 +32,20 @@ INVALID_CHARS = (
 )
 
 
+# Row checks of conversations: check → (helper column, what it expects). The helper is 1 where a conversation
+# fails the check (see validate_chat), which a built-in expectation then requires to be 0.
+CHAT_ROW_CHECKS: dict[str, tuple[str, str]] = {
+    "chat_format": ("__chat_format", "a list of objects with string role and content"),
+    "unknown_role": ("__chat_unknown_role", "roles system, user or assistant"),
+    "role_sequence": (
+        "__chat_role_sequence",
+        "optional system message first, then user/assistant alternating, ending with assistant",
+    ),
+    "empty_turn": ("__chat_empty_turn", "no empty or whitespace-only message"),
+    "invalid_chars:messages": ("__chat_invalid_chars", "no control characters, U+FFFD or mojibake in a message"),
+}
+
+
 @dataclass(frozen=True)
 class SuiteLayout:
     """Which columns the built-in suite checks, as found in the dataset."""
@@ -42,6 +56,7 @@ class SuiteLayout:
     label_domain: str | None  # the column counted by the dataset-level label checks
     token_column: str
     token_source: Literal["n_tokens", "whitespace"]
+    chat: bool = False  # conversations: the text column holds messages, checked by CHAT_ROW_CHECKS
 
 
 @contextmanager
@@ -98,6 +113,24 @@ def _text_expectations(column: str, spec: ValidationSpec) -> list[Expectation]:
     ]
 
 
+def _chat_expectations(spec: ValidationSpec) -> list[Expectation]:
+    from great_expectations.expectations.core.expect_column_values_to_be_between import (
+        ExpectColumnValuesToBeBetween,
+    )
+
+    mostly = {"empty_turn": spec.mostly_non_empty, "invalid_chars:messages": spec.mostly_clean_text}
+    return [
+        ExpectColumnValuesToBeBetween(
+            column=helper,
+            min_value=0,
+            max_value=0,
+            mostly=mostly.get(check, 1.0),
+            meta=_tag(check, "row", False, expect),
+        )
+        for check, (helper, expect) in CHAT_ROW_CHECKS.items()
+    ]
+
+
 def builtin_expectations(layout: SuiteLayout, spec: ValidationSpec) -> list[Expectation]:
     from great_expectations.expectations.core.expect_column_mean_to_be_between import ExpectColumnMeanToBeBetween
     from great_expectations.expectations.core.expect_column_to_exist import ExpectColumnToExist
@@ -117,7 +150,7 @@ def builtin_expectations(layout: SuiteLayout, spec: ValidationSpec) -> list[Expe
         ),
     ]
     for column in layout.present_text:
-        found += _text_expectations(column, spec)
+        found += _chat_expectations(spec) if layout.chat else _text_expectations(column, spec)
     length = _tag("token_length", "row", False)
     found.append(
         ExpectColumnValuesToBeBetween(
