@@ -71,7 +71,7 @@ def export_fp32(model: torch.nn.Module, tokenizer: Any, target: Path) -> dict[st
     # The dynamo exporter prints its progress on stdout; keep task logs for what matters.
     with (
         contextlib.redirect_stdout(io.StringIO()),
-        _quiet_loggers("torch.onnx", "torch._dynamo", "torch.export"),
+        _quiet_loggers("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "onnx_ir"),
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore")  # pytree deprecations and axis-renaming notes, not actionable
