@@ -9,10 +9,9 @@ from typing_extensions import Self
 
 from airflow_llmops.specs.base import Spec
 
-TaskType = Literal["classification", "causal_lm"]
-# What a dataset can be prepared for: the training tasks, and conversations in the OpenAI messages format. "chat"
-# is not (yet) a TrainingSpec task, so it is not part of TaskType, which TrainingSpec shares.
-DatasetTaskType = Literal["classification", "causal_lm", "chat"]
+TaskType = Literal["classification", "causal_lm", "chat"]
+# What a dataset can be prepared for: the training tasks (conversations in the OpenAI messages format for "chat").
+DatasetTaskType = TaskType
 SUPPORTED_SCHEMES = ("file", "s3", "gs", "gcs", "abfs", "abfss", "az", "chatterbot")
 
 

@@ -21,6 +21,11 @@ class LoraSpec(Spec):
     alpha: int = Field(default=16, ge=1)
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] | None = None
+    merge: bool = Field(
+        default=True,
+        description="save the adapters merged into the base weights (a plain model folder); False: save the "
+        "adapters only, with the base model's reference in adapter_config.json",
+    )
 
 
 class DistributedSpec(Spec):
@@ -48,7 +53,10 @@ class DistributedSpec(Spec):
 
 class TrainingSpec(Spec):
     """One training job. ``model`` is a Hugging Face model id or path, or one of the offline defaults
-    (``all-MiniLM-L6-v2`` for classification, ``tiny-gpt2`` for a small causal LM built from a config)."""
+    (``all-MiniLM-L6-v2`` for classification, ``tiny-gpt2`` for a small causal LM built from a config).
+
+    ``task="chat"`` fine-tunes a causal LM on conversations (a dataset prepared with ``task="chat"``), with the
+    loss on the assistant's turns only."""
 
     task: TaskType = "classification"
     model: str = Field(default="", description="empty: the task's offline default")
@@ -69,6 +77,15 @@ class TrainingSpec(Spec):
     checkpoint_every_steps: int = Field(default=50, ge=1)
     log_every_steps: int = Field(default=10, ge=1)
     mlflow_experiment: str = Field(default="llmops", min_length=1)
+
+    @model_validator(mode="after")
+    def _adapter_needs_a_base(self) -> Self:
+        if self.lora is not None and not self.lora.merge and self.resolved_model.lower() == DEFAULT_CAUSAL_LM:
+            raise ValueError(
+                f"lora.merge=False saves only the adapters, but {DEFAULT_CAUSAL_LM!r} is built from a config and "
+                "has no base model to refer to; keep lora.merge=True or train a local or hub model"
+            )
+        return self
 
     @property
     def resolved_model(self) -> str:

@@ -34,6 +34,21 @@ def render_chat(messages: Iterable[Mapping[str, Any]]) -> str:
     return "".join(f"<|{message['role']}|>\n{message['content']}\n" for message in messages)
 
 
+#: The role markers :func:`render_chat` writes; a tokenizer trained for chat keeps each one as a single token.
+ROLE_MARKERS = tuple(f"<|{role}|>" for role in ROLES)
+
+#: :func:`render_chat` as a Hugging Face chat template (Jinja), for tokenizers that have none: the same text, plus
+#: the tokenizer's EOS token after each assistant turn, which ends the turn (the model learns to stop there).
+#: ``add_generation_prompt`` appends ``<|assistant|>\n``, the prompt a reply is generated from.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
 def _plain(value: Any) -> Any:
     """JSON-ready Python: numpy arrays (Parquet list columns) to lists, numpy scalars to Python, recursively."""
     if isinstance(value, Mapping):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -17,6 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, PretrainedConfig, PreTrainedTokenizerFast
 
+from airflow_llmops.ml.data.chat import ROLE_MARKERS
 from airflow_llmops.ml.models import TINY_GPT2, resolve_model_path
 from airflow_llmops.ml.training.errors import TrainingInputError
 from airflow_llmops.specs.training import DEFAULT_CAUSAL_LM, DEFAULT_CLASSIFIER, LoraSpec, TrainingSpec
@@ -63,7 +65,7 @@ def resolve_model(spec: TrainingSpec) -> ModelSource:
     """Find the model's config without loading weights; an unknown model is an input error naming it."""
     name = spec.resolved_model
     if name.lower() == TINY_GPT2:
-        if spec.task != "causal_lm":
+        if spec.task not in ("causal_lm", "chat"):
             raise TrainingInputError(
                 f"model {name!r} is a causal LM built from a config; for task {spec.task!r} use "
                 f"{DEFAULT_CLASSIFIER!r}, a local model folder or a Hugging Face id"
@@ -125,28 +127,37 @@ def classification_label2id(source: ModelSource, labels: list[str]) -> dict[str,
     )
 
 
-def _texts_fingerprint(texts: list[str], max_seq_length: int) -> str:
-    digest = hashlib.sha256(f"{TINY_VOCAB}:{max_seq_length}".encode())
+def _texts_fingerprint(texts: list[str], max_seq_length: int, specials: tuple[str, ...] = ()) -> str:
+    digest = hashlib.sha256(f"{TINY_VOCAB}:{max_seq_length}:{','.join(specials)}".encode())
     for text in texts:
         digest.update(text.encode("utf-8") + b"\x00")
     return digest.hexdigest()
 
 
 def _wrap(tokenizer: Tokenizer, max_seq_length: int) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+    wrapped = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, pad_token=PAD, model_max_length=max_seq_length
     )
+    # A chat tokenizer's role markers are special tokens of the tokenizer file; naming them to the wrapper too
+    # makes ``decode(..., skip_special_tokens=True)`` drop them.
+    markers = [marker for marker in ROLE_MARKERS if tokenizer.token_to_id(marker) is not None]
+    if markers:
+        wrapped.add_special_tokens({"additional_special_tokens": markers})  # type: ignore[dict-item]
+    return wrapped
 
 
-def train_bpe_tokenizer(texts: list[str], max_seq_length: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (GPT-2 style: any byte sequence encodes, no unknown token) with EOS and PAD specials."""
+def train_bpe_tokenizer(
+    texts: list[str], max_seq_length: int, extra_special_tokens: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (GPT-2 style: any byte sequence encodes, no unknown token) with EOS and PAD specials, plus
+    ``extra_special_tokens`` (a chat model's role markers), each one id that the text around it never merges into."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TINY_VOCAB,
         min_frequency=2,
-        special_tokens=[EOS, PAD],
+        special_tokens=[EOS, PAD, *extra_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -155,7 +166,11 @@ def train_bpe_tokenizer(texts: list[str], max_seq_length: int) -> PreTrainedToke
 
 
 def tiny_gpt2_tokenizer(
-    texts: list[str], max_seq_length: int, cache: Path, checkpoint: Path | None
+    texts: list[str],
+    max_seq_length: int,
+    cache: Path,
+    checkpoint: Path | None,
+    extra_special_tokens: Sequence[str] = (),
 ) -> PreTrainedTokenizerFast:
     """The tokenizer a resumed checkpoint was trained with, else the cached one for these texts, else a new one.
 
@@ -164,11 +179,11 @@ def tiny_gpt2_tokenizer(
     """
     if checkpoint is not None and (checkpoint / "tokenizer.json").is_file():
         return _wrap(Tokenizer.from_file(str(checkpoint / "tokenizer.json")), max_seq_length)
-    fingerprint = _texts_fingerprint(texts, max_seq_length)
+    fingerprint = _texts_fingerprint(texts, max_seq_length, tuple(extra_special_tokens))
     stored, stamp = cache / "tokenizer.json", cache / "fingerprint"
     if stored.is_file() and stamp.is_file() and stamp.read_text(encoding="utf-8") == fingerprint:
         return _wrap(Tokenizer.from_file(str(stored)), max_seq_length)
-    wrapped = train_bpe_tokenizer(texts, max_seq_length)
+    wrapped = train_bpe_tokenizer(texts, max_seq_length, extra_special_tokens)
     cache.mkdir(parents=True, exist_ok=True)
     # Atomic replace: on a shared job dir, several nodes' local main processes may write at the same time.
     tmp = cache / f".tokenizer.{os.getpid()}.json"
@@ -250,7 +265,9 @@ def apply_lora(model: PreTrainedModel, lora: LoraSpec, task: str) -> torch.nn.Mo
         ) from None
 
 
-def exportable(model: torch.nn.Module) -> Any:
-    """A LoRA model is merged into its base weights, so the saved model loads with plain ``from_pretrained``."""
-    merge = getattr(model, "merge_and_unload", None)
-    return merge() if callable(merge) else model
+def exportable(model: torch.nn.Module, *, merge: bool = True) -> Any:
+    """A LoRA model is merged into its base weights, so the saved model loads with plain ``from_pretrained``;
+    ``merge=False`` keeps the PEFT model, whose ``save_pretrained`` writes the adapters and ``adapter_config.json``
+    (naming the base model in ``base_model_name_or_path``)."""
+    merge_and_unload = getattr(model, "merge_and_unload", None)
+    return merge_and_unload() if merge and callable(merge_and_unload) else model

@@ -81,12 +81,14 @@ def preflight(spec: TrainingSpec, job: JobDir, where: Placement) -> Prepared:
                 f"dataset {splits.name!r}: no row of split 'validation' has a label of split 'train' "
                 f"{sorted(label2id)}, so nothing can be evaluated; prepare the dataset again"
             )
+    elif spec.task == "chat":
+        D.chat_columns(splits)
     check_batch_fits(
         source.config,
         batch=spec.per_device_batch_size,
         seq=spec.max_seq_length,
         precision=spec.precision,
-        causal_lm=spec.task == "causal_lm",
+        causal_lm=spec.task != "classification",
         lora=spec.lora is not None,
         cuda=where.cuda,
         local_processes=local_world_size(),

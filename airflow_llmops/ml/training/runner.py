@@ -13,10 +13,12 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
+from airflow_llmops.ml.data.chat import ROLE_MARKERS
 from airflow_llmops.ml.training import data as D
 from airflow_llmops.ml.training import models as M
 from airflow_llmops.ml.training.callbacks import ProgressCallback
 from airflow_llmops.ml.training.energy import EnergyMeter, EnergyReading
+from airflow_llmops.ml.training.errors import TrainingInputError
 from airflow_llmops.ml.training.jobdir import Checkpoint, JobDir, ProgressWriter
 from airflow_llmops.ml.training.metrics import classification_metrics, final_metrics
 from airflow_llmops.ml.training.outputs import OutputTarget
@@ -49,7 +51,7 @@ def training_arguments(
         save_total_limit=2,
         eval_strategy="steps" if eval_every_steps else "no",
         eval_steps=eval_every_steps,
-        prediction_loss_only=spec.task == "causal_lm",  # perplexity needs the loss only, not the logits
+        prediction_loss_only=spec.task != "classification",  # perplexity needs the loss only, not the logits
         report_to=[],  # MLflow is driven directly (tracking.py), with a run identity that survives retries
         disable_tqdm=True,
         log_level="warning",
@@ -63,7 +65,7 @@ def training_arguments(
         # The Trainer multiplies the loss by the world size when it divides by the tokens of all ranks; the
         # classification heads ignore that count and average per batch, so there the loss (and gradient) would
         # come out world_size times too large under DDP.
-        average_tokens_across_devices=spec.task == "causal_lm",
+        average_tokens_across_devices=spec.task != "classification",
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_backend=where.backend if where.world_size > 1 else None,
@@ -77,14 +79,21 @@ def tokenized(
 ) -> tuple[Any, D.TokenizedDataset, D.TokenizedDataset]:
     """Tokenizer plus the train and validation examples."""
     splits = prep.splits
+    chat = spec.task == "chat"
     if prep.source.path is None:
         with args.main_process_first(desc="train the BPE tokenizer"):
             resume_dir = prep.resume.path if prep.resume else None
             tokenizer = M.tiny_gpt2_tokenizer(
-                D.tokenizer_corpus(splits.train), spec.max_seq_length, job.tokenizer, resume_dir
+                D.chat_corpus(splits.train) if chat else D.tokenizer_corpus(splits.train),
+                spec.max_seq_length,
+                job.tokenizer,
+                resume_dir,
+                extra_special_tokens=ROLE_MARKERS if chat else (),
             )
     else:
         tokenizer = M.pretrained_tokenizer(prep.source)
+    if chat:
+        return (tokenizer, *_chat_examples(spec, prep, tokenizer))
     if spec.task == "causal_lm":
         eos = tokenizer.eos_token
         train = D.tokenize(tokenizer, D.lm_texts(splits.train, eos), spec.max_seq_length)
@@ -97,6 +106,29 @@ def tokenized(
     train = D.tokenize(tokenizer, texts, spec.max_seq_length, labels)
     valid = D.tokenize(tokenizer, v_texts, spec.max_seq_length, v_labels)
     return tokenizer, train, valid
+
+
+def _chat_examples(spec: TrainingSpec, prep: Prepared, tokenizer: Any) -> tuple[D.TokenizedDataset, D.TokenizedDataset]:
+    """Conversations rendered by the tokenizer's chat template (the default one where it has none, saved with the
+    model), labelled on the assistant's turns only."""
+    if D.ensure_chat_template(tokenizer) and prep.source.path is not None:
+        prep.notes.append(
+            f"the tokenizer of {prep.source.name!r} has no chat template; using the default "
+            "('<|role|>\\ncontent\\n' per message, EOS after each assistant turn), saved with the model"
+        )
+    train, train_stats = D.tokenize_chat(tokenizer, prep.splits.train, spec.max_seq_length)
+    valid, valid_stats = D.tokenize_chat(tokenizer, prep.splits.validation, spec.max_seq_length)
+    prep.notes.extend(train_stats.notes("train", spec.max_seq_length))
+    prep.notes.extend(valid_stats.notes("validation", spec.max_seq_length))
+    for split, dataset, stats in (("train", train, train_stats), ("validation", valid, valid_stats)):
+        if len(dataset) == 0:
+            raise TrainingInputError(
+                f"dataset {prep.splits.name!r}: none of the {stats.conversations} {split} conversations has an "
+                f"assistant token within max_seq_length={spec.max_seq_length} "
+                f"({'; '.join(stats.notes(split, spec.max_seq_length)) or 'no conversations'}); raise "
+                "max_seq_length or check the data"
+            )
+    return train, valid
 
 
 def run(
@@ -199,7 +231,7 @@ def _train_and_save(
         args=args,
         train_dataset=train_set,
         eval_dataset=valid_set,
-        data_collator=D.PadCollator(tokenizer.pad_token_id, causal_lm=spec.task == "causal_lm"),
+        data_collator=D.PadCollator(tokenizer.pad_token_id, causal_lm=spec.task != "classification"),
         processing_class=tokenizer,
         compute_metrics=classification_metrics if spec.task == "classification" else None,
         callbacks=[progress, *callbacks],
@@ -254,12 +286,13 @@ def _train(trainer: Trainer, spec: TrainingSpec, resume: Checkpoint | None) -> A
 
 
 def _save(trainer: Trainer, tokenizer: Any, output: OutputTarget, spec: TrainingSpec, where: Placement) -> None:
-    """safetensors + config (with id2label for classification) + tokenizer, loadable with ``from_pretrained``."""
+    """safetensors + config (with id2label for classification) + tokenizer (with its chat template), loadable with
+    ``from_pretrained``; with ``lora.merge=False`` the adapters and ``adapter_config.json`` instead of the model."""
     if spec.lora is None:
         trainer.save_model(str(output.local))  # every rank calls it; the Trainer writes on the main process only
     elif where.is_main:
         assert trainer.model is not None
-        M.exportable(trainer.model).save_pretrained(str(output.local))
+        M.exportable(trainer.model, merge=spec.lora.merge).save_pretrained(str(output.local))
     if where.is_main:
         tokenizer.save_pretrained(str(output.local))
         # The pickled TrainingArguments are a checkpoint's business; a published model folder stays pickle-free.

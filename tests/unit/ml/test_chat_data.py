@@ -155,12 +155,13 @@ def test_conversations_prepared_as_text_point_to_task_chat():
         prepare_records(pd.DataFrame({"messages": [conversation(1)]}), DatasetSpec(name="t", source="file:///x"))
 
 
-def test_chat_is_a_dataset_task_but_not_yet_a_training_task():
+def test_chat_is_a_dataset_task_and_a_training_task():
     assert DatasetSpec(name="c", source="chatterbot://english", task="chat").messages_field == "messages"
+    assert TrainingSpec.parse({"task": "chat"}).task == "chat"
     with pytest.raises(
-        SpecValidationError, match=r"TrainingSpec\.task: Input should be 'classification' or 'causal_lm'"
+        SpecValidationError, match=r"TrainingSpec\.task: Input should be 'classification', 'causal_lm' or 'chat'"
     ):
-        TrainingSpec.parse({"task": "chat"})
+        TrainingSpec.parse({"task": "dialog"})
 
 
 def test_chatterbot_dialogs_become_alternating_conversations_ending_with_the_assistant():
