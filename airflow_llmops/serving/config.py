@@ -63,7 +63,8 @@ class VariantSpec(_Model):
         returned.
     :param mirror_percent: percent of requests copied to a shadow variant.
     :param fault: failure injection for tests (see :class:`FaultSpec`).
-    :param max_batch_size: texts per forward pass (default: the server's).
+    :param max_batch_size: texts per forward pass of a classifier, sequences decoded together by a causal LM
+        (default: the server's ``max_batch_size`` / ``max_decode_batch_size``).
     :param max_batch_delay_ms: how long the batcher waits for more requests (default: the server's).
     """
 
@@ -135,6 +136,12 @@ class ServerConfig(_Model):
     max_tokens_limit: int = Field(default=1024, ge=1, description="upper bound of max_tokens")
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_batch_delay_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
+    max_decode_batch_size: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="sequences a causal LM variant decodes together (continuous batching); more wait to join",
+    )
     metrics_retention_s: float = Field(default=3600.0, gt=0)
     shadow_max_pending: int = Field(default=64, ge=0, description="shadow copies in flight; more are dropped")
     torch_threads: int | None = Field(default=None, ge=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import functools
@@ -15,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from airflow_llmops.serving.errors import InjectedFault, InternalError, ServingError, Unavailable
-from airflow_llmops.serving.models import Classification, Generation, GenerationParams, Task
+from airflow_llmops.serving.models import (
+    BatchedGenerator,
+    Classification,
+    Generation,
+    GenerationParams,
+    Task,
+    TextCallback,
+)
 from airflow_llmops.serving.request_log import RequestLogWriter
 from airflow_llmops.serving.telemetry import Telemetry
 from airflow_llmops.serving.variants import Variant, VariantRegistry
@@ -49,13 +57,35 @@ def classify_work(texts: list[str]) -> Work[list[Classification]]:
     return work
 
 
+async def start_generation(
+    variant: Variant,
+    prompt: str,
+    params: GenerationParams,
+    *,
+    on_text: TextCallback | None,
+    cancelled: threading.Event,
+) -> concurrent.futures.Future[Generation]:
+    """The generation's future: queued in the model's decode loop (batched with the other requests) when the model
+    has one, else run whole in the variant's worker thread. Prompt errors raise here."""
+    model = variant.model
+    if model is None:
+        raise Unavailable(f"variant {variant.name!r} is not loaded")
+    loop = asyncio.get_running_loop()
+    if isinstance(model, BatchedGenerator):  # tokenizing in the worker thread, decoding in the model's loop
+        call = functools.partial(model.submit, prompt, params, on_text=on_text, cancelled=cancelled)
+        return await loop.run_in_executor(variant.executor, call)
+    return variant.executor.submit(model.generate, prompt, params, on_text=on_text, cancelled=cancelled)
+
+
 def generate_work(prompt: str, params: GenerationParams) -> Work[Generation]:
     async def work(variant: Variant) -> Answer[Generation]:
-        model = variant.model
-        if model is None:
-            raise Unavailable(f"variant {variant.name!r} is not loaded")
-        call = functools.partial(model.generate, prompt, params, on_text=None, cancelled=threading.Event())
-        gen = await asyncio.get_running_loop().run_in_executor(variant.executor, call)
+        cancelled = threading.Event()
+        try:
+            future = await start_generation(variant, prompt, params, on_text=None, cancelled=cancelled)
+            gen = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # the caller went away: its sequence leaves the batch
+            cancelled.set()
+            raise
         return Answer(gen, [{"output": gen.text}], gen.prompt_tokens, gen.completion_tokens)
 
     return work
@@ -221,8 +251,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | Generation | BaseException] = asyncio.Queue()
         cancelled = threading.Event()
-        model = variant.model
-        if model is None:
+        if variant.model is None:
             raise Unavailable(f"variant {variant.name!r} is not loaded")
 
         def put(item: str | Generation | BaseException) -> None:
@@ -231,18 +260,19 @@ class Gateway:
             except RuntimeError:  # the event loop closed (shutdown)
                 cancelled.set()
 
-        def produce() -> None:
-            try:
-                put(model.generate(prompt, params, on_text=put, cancelled=cancelled))
-            except Exception as err:
-                put(err)
+        def done(future: concurrent.futures.Future[Generation]) -> None:
+            if future.cancelled():
+                return
+            err = future.exception()
+            put(err if err is not None else future.result())
 
         started = time.perf_counter()
         status, final = CLIENT_GONE, None
         error: str | None = "the client went away during the stream"
         try:
             await self._inject_fault(variant)
-            loop.run_in_executor(variant.executor, produce)
+            future = await start_generation(variant, prompt, params, on_text=put, cancelled=cancelled)
+            future.add_done_callback(done)
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):

@@ -7,13 +7,14 @@ trivial model for tests and for measuring the router's own overhead. Add a forma
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from airflow_llmops.serving.errors import BadRequest, ModelLoadError
 from airflow_llmops.serving.sources import ECHO_SOURCE, ModelFolder
@@ -23,6 +24,7 @@ TextCallback = Callable[[str], None]
 _GREEDY_BELOW = 1e-5
 _LOAD_LOCK = threading.Lock()
 FORWARD_CHUNK = 8  # texts per forward pass inside one batch (see HFClassifier.classify)
+DEFAULT_DECODE_BATCH = 16  # sequences a causal LM decodes together (the server's --max-decode-batch-size)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,15 @@ class ServedModel(Protocol):
     def generate(
         self, prompt: str, params: GenerationParams, *, on_text: TextCallback | None, cancelled: threading.Event
     ) -> Generation: ...
+
+
+@runtime_checkable
+class BatchedGenerator(Protocol):
+    """A model whose generations queue for a shared decode loop instead of holding the variant's worker thread."""
+
+    def submit(
+        self, prompt: str, params: GenerationParams, *, on_text: TextCallback | None, cancelled: threading.Event
+    ) -> concurrent.futures.Future[Generation]: ...
 
 
 class _NoClassify:
@@ -159,7 +170,10 @@ class HFClassifier(_NoGenerate):
 
 
 class HFCausalLM(_NoClassify):
-    """A ``*ForCausalLM`` / ``*LMHeadModel`` folder, decoded token by token with its KV cache (streams text)."""
+    """A ``*ForCausalLM`` / ``*LMHeadModel`` folder, decoded token by token with its KV cache (streams text).
+
+    Generations run in the model's decode loop (:class:`~airflow_llmops.serving.generation.DecodeEngine`): requests
+    that arrive together decode together, each with its own parameters."""
 
     kind = "causal_lm"
     tasks: frozenset[Task] = frozenset({"generate"})
@@ -191,6 +205,18 @@ class HFCausalLM(_NoClassify):
         # transformers 5.x renamed the KV cache argument and output `past_key_values` -> `cache`.
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        from airflow_llmops.serving.generation import DecodeEngine
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        self.engine = DecodeEngine(
+            self.model,
+            cache_arg=self._cache_arg,
+            decode=lambda ids: str(self.tokenizer.decode(ids, skip_special_tokens=True)),
+            pick=self._pick,
+            eos_id=self.eos_id,
+            pad_id=int(pad) if isinstance(pad, int) else 0,
+            max_batch_size=DEFAULT_DECODE_BATCH,
+        )
 
     def chat_prompt(self, messages: Sequence[tuple[str, str]]) -> str:
         if getattr(self.tokenizer, "chat_template", None):
@@ -226,46 +252,48 @@ class HFCausalLM(_NoClassify):
             return int(index[choice])
         return int(torch.multinomial(probs, 1, generator=generator))
 
+    def submit(
+        self, prompt: str, params: GenerationParams, *, on_text: TextCallback | None, cancelled: threading.Event
+    ) -> concurrent.futures.Future[Generation]:
+        """Queue a generation for the decode loop (continuous batching with the other requests, see
+        :mod:`airflow_llmops.serving.generation`); a bad prompt raises here, before anything is queued.
+        ``on_text`` is called from the loop's thread."""
+        from airflow_llmops.serving.generation import Sequence
+
+        prompt_ids = self._encode(prompt, params.max_tokens)
+        generator = None
+        if params.seed is not None:
+            generator = self._torch.Generator().manual_seed(params.seed & 0x7FFF_FFFF_FFFF_FFFF)
+        seq = Sequence(
+            prompt_ids,
+            params,
+            budget=min(params.max_tokens, self.context - len(prompt_ids)),
+            generator=generator,
+            on_text=on_text,
+            cancelled=cancelled,
+        )
+        if seq.budget <= 0 or cancelled.is_set():
+            seq.future.set_result(Generation("", "length", len(prompt_ids), 0))
+            return seq.future
+        return self.engine.submit(seq)
+
     def generate(
         self, prompt: str, params: GenerationParams, *, on_text: TextCallback | None, cancelled: threading.Event
     ) -> Generation:
-        torch = self._torch
-        prompt_ids = self._encode(prompt, params.max_tokens)
-        budget = min(params.max_tokens, self.context - len(prompt_ids))
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed & 0x7FFF_FFFF_FFFF_FFFF)
-        stops = tuple(s for s in params.stop if s)
-        hold = max((len(s) for s in stops), default=1) - 1  # text that may still become a stop sequence
-        generated: list[int] = []
-        text, sent = "", 0
-        finish: Literal["stop", "length"] = "length"
-        past = None
-        step_input = torch.tensor([prompt_ids])
-        with torch.inference_mode():
-            while len(generated) < budget and not cancelled.is_set():
-                out = self.model(input_ids=step_input, use_cache=True, **{self._cache_arg: past})
-                past = getattr(out, self._cache_arg)
-                next_id = self._pick(out.logits[0, -1], params, generator)
-                if next_id == self.eos_id:
-                    finish = "stop"
-                    break
-                generated.append(next_id)
-                step_input = torch.tensor([[next_id]])
-                text = str(self.tokenizer.decode(generated, skip_special_tokens=True))
-                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                    break
-                ready = len(text) - hold
-                if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                    ready = min(ready, len(text) - 1)
-                if on_text is not None and ready > sent:
-                    on_text(text[sent:ready])
-                    sent = ready
-        if on_text is not None and len(text) > sent:
-            on_text(text[sent:])
-        return Generation(text, finish, len(prompt_ids), len(generated))
+        """:meth:`submit`, then wait for the answer (decoded in the batch with whatever else is running)."""
+        return self.submit(prompt, params, on_text=on_text, cancelled=cancelled).result()
+
+    def configure_batching(
+        self, *, max_batch_size: int | None = None, observer: Any = None, name: str | None = None
+    ) -> None:
+        """The server's settings for this model's decode loop: batch bound, metrics, a name for its thread."""
+        if name is not None:
+            self.engine.name = name
+        self.engine.configure(max_batch_size=max_batch_size, observer=observer)
+
+    def close(self, drain_s: float = 30.0) -> None:
+        """Stop the decode loop once what it holds is answered (at most ``drain_s``); blocks."""
+        self.engine.close(drain_s)
 
 
 class QuantizedClassifier(_NoGenerate):

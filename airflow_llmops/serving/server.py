@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit)
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
     parser.add_argument("--max-batch-delay-ms", type=float, default=defaults.max_batch_delay_ms)
+    parser.add_argument(
+        "--max-decode-batch-size",
+        type=int,
+        default=defaults.max_decode_batch_size,
+        help="sequences a causal LM variant decodes together; requests beyond it wait to join the batch "
+        f"(default {defaults.max_decode_batch_size})",
+    )
     parser.add_argument("--shadow-max-pending", type=int, default=defaults.shadow_max_pending)
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -182,6 +189,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_tokens_limit=args.max_tokens_limit,
         max_batch_size=args.max_batch_size,
         max_batch_delay_ms=args.max_batch_delay_ms,
+        max_decode_batch_size=args.max_decode_batch_size,
         shadow_max_pending=args.shadow_max_pending,
         torch_threads=args.torch_threads,
     ).with_env_defaults()

@@ -211,6 +211,13 @@ class VariantRegistry:
             )
             batcher.start()
             variant.classifier = batcher
+        configure = getattr(model, "configure_batching", None)
+        if callable(configure):  # a causal LM's decode loop
+            configure(
+                max_batch_size=variant.spec.max_batch_size or self.config.max_decode_batch_size,
+                observer=self.telemetry.generation(variant.name),
+                name=f"variant {variant.name!r}",
+            )
         variant.status, variant.loaded_at = "ready", time.time()
         self.telemetry.ready.labels(variant.name).set(1)
         log.info("variant %s ready (%s from %s)", variant.name, model.kind, variant.spec.source)
@@ -218,6 +225,9 @@ class VariantRegistry:
     async def _shutdown(self, variant: Variant) -> None:
         if variant.classifier is not None:
             await variant.classifier.stop()
+        close = getattr(variant.model, "close", None)
+        if callable(close):  # a decode loop: answers what it holds (for up to 30 s), then stops
+            await asyncio.to_thread(close, 30.0)
         variant.executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- admin -----------------------------------------------------------------------------------------------
