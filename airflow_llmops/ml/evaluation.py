@@ -1,8 +1,11 @@
-"""Task metrics on a prepared split: a fine-tuned classifier, and the TF-IDF + logistic-regression baseline."""
+"""Task metrics on a prepared split: a fine-tuned classifier, the TF-IDF + logistic-regression baseline, and causal
+LMs and chat models (perplexity labelled as training labels it, greedy answers scored against references; see
+docs/evaluation.md)."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +77,22 @@ class EvaluationInputError(ValueError):
     """The model and the evaluation data do not fit together (labels, columns, an empty split)."""
 
 
-def model_task(model_dir: str | Path) -> str:
-    """``classification`` or ``causal_lm``, from the saved config's architecture."""
+def model_task(model_dir: str | Path, dataset_columns: Sequence[str] | None = None) -> str:
+    """``classification``, ``causal_lm`` or ``chat``.
+
+    The saved config's architecture tells a classifier from a causal LM; a causal LM is scored as a ``chat`` model
+    when the evaluation data holds conversations (a ``messages`` column, as ``DatasetSpec(task="chat")`` prepares
+    it). The data decides rather than the tokenizer: a chat-tuned model scored on prompt/response rows is scored as
+    a causal LM on those rows, and a causal LM without a chat template is scored on conversations with the default
+    template that chat training would have given it.
+    """
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir))
     names = config.architectures or []
-    return "causal_lm" if any(n.endswith("ForCausalLM") or "LMHead" in n for n in names) else "classification"
+    if not any(n.endswith("ForCausalLM") or "LMHead" in n for n in names):
+        return "classification"
+    return "chat" if dataset_columns is not None and "messages" in dataset_columns else "causal_lm"
 
 
 def evaluate_model(
@@ -90,33 +102,50 @@ def evaluate_model(
     split: str = "test",
     max_rows: int | None = None,
     max_length: int = 128,
-    generation_samples: int = 5,
+    generation_rows: int = 64,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
 ) -> dict[str, Any]:
     """Task metrics of a saved model on a prepared split, with the details an evaluation report shows.
 
-    Classification: accuracy, macro-F1, per-label F1 and the confusion counts. Causal LM: perplexity over the
-    split's dialog turns, plus greedy continuations of a few held-out prompts (the generation check: non-empty,
-    not a copy of the prompt).
+    Classification: accuracy, macro-F1, per-label F1 and the confusion counts. Causal LM and chat: perplexity over
+    the split (on the assistant's tokens for chat, labelled as training labels them), and greedy answers to the
+    first ``generation_rows`` held-out prompts scored against their references with ROUGE-L, BLEU and chrF (see
+    :mod:`airflow_llmops.ml.generation_metrics`); the answers are in ``samples``.
     """
     frame = load_split(dataset_dir, split)
     if max_rows is not None:
         frame = frame.head(max_rows)
     if frame.empty:
         raise EvaluationInputError(f"split {split!r} of {dataset_dir} has no rows to evaluate on")
+    generation = {"generation_rows": generation_rows, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
     if (Path(model_dir) / "quantization.json").is_file():
-        return _quantized_details(model_dir, frame, split, max_length)
-    task = model_task(model_dir)
+        return _quantized_details(model_dir, frame, split, max_length, generation)
+    task = model_task(model_dir, list(frame.columns))
     if task == "classification":
         return {"task": task, **_classification_details(model_dir, frame, split, max_length)}
-    return {"task": task, **_causal_lm_details(model_dir, frame, max_length, generation_samples)}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    return {"task": task, **causal_lm_details(model.eval(), tokenizer, frame, task, max_length, **generation)}
 
 
-def _quantized_details(model_dir: str | Path, frame: pd.DataFrame, split: str, max_length: int) -> dict[str, Any]:
+def _quantized_details(
+    model_dir: str | Path, frame: pd.DataFrame, split: str, max_length: int, generation: dict[str, int]
+) -> dict[str, Any]:
     """A quantized artifact, through its own predictor (torch int8, torchao, ONNX Runtime)."""
     from airflow_llmops.ml.quantization import load_quantized
 
     predictor = load_quantized(model_dir, max_length=max_length)
     if predictor.task == "causal_lm":
+        task = "chat" if "messages" in frame.columns else "causal_lm"
+        model = getattr(predictor, "model", None)
+        if model is not None and hasattr(model, "generate"):  # torch and torchao artifacts: the full LM check
+            return {
+                "task": task,
+                **causal_lm_details(model, predictor.tokenizer, frame, task, max_length, **generation),
+            }
         from airflow_llmops.ml.training.data import lm_texts
 
         texts = lm_texts(frame, str(predictor.tokenizer.eos_token or ""))
@@ -171,54 +200,207 @@ def _classification_details(model_dir: str | Path, frame: pd.DataFrame, split: s
     return _label_report(truth, predicted)
 
 
-def _causal_lm_details(model_dir: str | Path, frame: pd.DataFrame, max_length: int, samples: int) -> dict[str, Any]:
+def _positions(model: Any) -> int | None:
+    """The model's position table (prompt plus answer must fit in it), or None for models without one."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _stop_ids(model: Any, tokenizer: Any, chat: bool) -> list[int]:
+    """EOS from the tokenizer and the model's generation config, and for chat the role markers that are special
+    tokens (a reply that starts the next user turn has ended)."""
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    if chat:
+        from airflow_llmops.ml.data.chat import ROLE_MARKERS
+
+        special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+        for marker in ROLE_MARKERS:
+            if marker in special:
+                ids.add(int(tokenizer.convert_tokens_to_ids(marker)))
+    return sorted(ids)
+
+
+def _lm_inputs(
+    tokenizer: Any, frame: pd.DataFrame, task: str, max_length: int
+) -> tuple[list[dict[str, list[int]]], list[str], list[str] | None, list[str]]:
+    """Perplexity examples (labelled as training labels them), generation prompts, their references (None for
+    plain text rows) and notes."""
+    from airflow_llmops.ml.training import data as D
+    from airflow_llmops.ml.training.errors import TrainingInputError
+
+    notes: list[str] = []
+    try:
+        if task == "chat":
+            if D.ensure_chat_template(tokenizer):
+                notes.append("the tokenizer has no chat template; conversations rendered with the default one")
+            dataset, stats = D.tokenize_chat(tokenizer, frame, max_length)
+            notes.extend(stats.notes("evaluation", max_length))
+            chats = D.conversations(frame)
+            prompts = [
+                str(tokenizer.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True)) for c in chats
+            ]
+            return dataset.examples, prompts, [c[-1]["content"] for c in chats], notes
+        eos = str(tokenizer.eos_token or "")
+        texts = D.lm_texts(frame, eos)
+        examples = D.tokenize(tokenizer, texts, max_length).examples
+    except TrainingInputError as err:
+        raise EvaluationInputError(str(err)) from None
+    except Exception as err:  # jinja2's TemplateError from apply_chat_template
+        if task != "chat":
+            raise
+        raise EvaluationInputError(
+            f"the model's chat template cannot render a prompt ({type(err).__name__}: {err})"
+        ) from None
+    if {"prompt", "response"} <= set(frame.columns):
+        # As training joins them: prompt<eos>response<eos>; the answer follows the prompt's EOS.
+        return examples, [f"{p}{eos}" for p in frame["prompt"].astype(str)], list(frame["response"].astype(str)), notes
+    return examples, [f"{t}{eos}" for t in frame["text"].astype(str)], None, notes
+
+
+def _perplexity(model: Any, examples: list[dict[str, list[int]]], pad_id: int, batch_size: int) -> tuple[float, int]:
+    """Mean next-token loss over the labelled tokens (assistant tokens for chat, every real token otherwise)."""
+    import torch
+
+    from airflow_llmops.ml.training.data import IGNORE, PadCollator
+
+    collate = PadCollator(pad_id, causal_lm=True)
+    device = next(model.parameters(), torch.empty(0)).device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            targets = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum"
+            )
+            total += float(loss)
+            count += int((targets != IGNORE).sum())
+    return total, count
+
+
+def _generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    chat: bool,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    """Greedy answers, batched with left padding (prompts cut on the left: the generation prompt stays)."""
+    import torch
+
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    stop = _stop_ids(model, tokenizer, chat)
+    device = next(model.parameters(), torch.empty(0)).device
+    answers: list[str] = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(prompts), batch_size):
+                batch = tokenizer(
+                    prompts[start : start + batch_size],
+                    add_special_tokens=not chat,  # a chat template writes the special tokens it wants
+                    padding=True,
+                    truncation=True,
+                    max_length=max_prompt_tokens,
+                    return_tensors="pt",
+                ).to(device)
+                out = model.generate(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=stop or None,
+                )
+                width = batch["input_ids"].shape[1]
+                answers.extend(
+                    str(tokenizer.decode(row[width:], skip_special_tokens=True)).strip() for row in out.cpu()
+                )
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = sides
+    return answers
+
+
+def _bare(prompt: str, tokenizer: Any) -> str:
+    """The prompt as an answer that copies it would read (decoded without the EOS that ends it)."""
+    return prompt.removesuffix(str(tokenizer.eos_token or "")).strip()
+
+
+def causal_lm_details(
+    model: Any,
+    tokenizer: Any,
+    frame: pd.DataFrame,
+    task: str,
+    max_length: int,
+    *,
+    generation_rows: int = 64,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Perplexity and the generation check of a loaded causal LM (``task``: ``causal_lm`` or ``chat``).
+
+    Prompts: for chat the conversation up to its last assistant turn rendered with the model's chat template
+    (``add_generation_prompt=True``), the reference being that last turn; for prompt/response rows the prompt and
+    its EOS, the reference the response; plain text rows get answers but no reference metrics.
+    """
     import math
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from airflow_llmops.ml import generation_metrics as G
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    model.eval()
-    eos = tokenizer.eos_token or ""
-    if {"prompt", "response"} <= set(frame.columns):
-        texts = [f"{p}{eos}{r}{eos}" for p, r in zip(frame["prompt"], frame["response"], strict=True)]
-        prompts = [str(p) for p in frame["prompt"]]
-    elif "text" in frame.columns:
-        texts = [f"{t}{eos}" for t in frame["text"]]
-        prompts = [str(t) for t in frame["text"]]
-    else:
-        raise EvaluationInputError(f"causal LM evaluation needs prompt/response or text; got {list(frame.columns)}")
-    total_loss, total_tokens = 0.0, 0
-    with torch.inference_mode():
-        for text in texts:
-            ids = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
-            if ids.shape[1] < 2:
-                continue
-            loss = model(input_ids=ids, labels=ids).loss
-            total_loss += float(loss) * (ids.shape[1] - 1)
-            total_tokens += ids.shape[1] - 1
-        generations = []
-        for prompt in prompts[:samples]:
-            batch = tokenizer(prompt + eos, return_tensors="pt")
-            out = model.generate(
-                **batch,
-                max_new_tokens=24,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            )
-            reply = str(tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)).strip()
-            generations.append({"prompt": prompt, "reply": reply, "ok": bool(reply) and reply != prompt.strip()})
-    if total_tokens == 0:
-        raise EvaluationInputError("no evaluation text is longer than one token")
-    mean = total_loss / total_tokens
-    ok = sum(1 for g in generations if g["ok"]) / max(1, len(generations))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    positions = _positions(model)
+    if positions is not None:
+        max_length = min(max_length, positions)
+    examples, prompts, references, notes = _lm_inputs(tokenizer, frame, task, max_length)
+    total, count = _perplexity(model, examples, int(tokenizer.pad_token_id or 0), batch_size)
+    if count == 0:
+        raise EvaluationInputError(
+            "no evaluation token to score: every text is shorter than two tokens"
+            + (" or has no assistant token left" if task == "chat" else "")
+        )
+    new_tokens = max(1, min(max_new_tokens, positions // 2)) if positions is not None else max(1, max_new_tokens)
+    prompt_budget = max(1, min(max_length, positions - new_tokens) if positions is not None else max_length)
+    chosen = prompts[: max(0, generation_rows)]
+    answers = _generate(
+        model,
+        tokenizer,
+        chosen,
+        chat=task == "chat",
+        max_new_tokens=new_tokens,
+        max_prompt_tokens=prompt_budget,
+        batch_size=batch_size,
+    )
+    wanted = (references or [""] * len(prompts))[: len(chosen)]
+    samples = [{"prompt": p, "reference": r, "answer": a} for p, r, a in zip(chosen, wanted, answers, strict=True)]
+    mean = total / count
+    metrics: dict[str, float] = {
+        "perplexity": math.exp(min(mean, 700.0)),
+        "loss": mean,
+        "rows": float(len(examples)),
+        "scored_tokens": float(count),
+        "generated": float(len(samples)),
+        "generation_ok_rate": sum(1 for s in samples if s["answer"] and s["answer"] != _bare(s["prompt"], tokenizer))
+        / max(1, len(samples)),
+    }
+    if references is not None and samples:
+        metrics.update(G.reference_metrics(wanted, answers))
     return {
-        "metrics": {
-            "perplexity": math.exp(min(mean, 700.0)),
-            "loss": mean,
-            "generation_ok_rate": ok,
-            "rows": float(len(texts)),
-        },
-        "generations": generations,
+        "metrics": metrics,
+        "samples": samples,
+        "generation": {"max_new_tokens": new_tokens, "max_prompt_tokens": prompt_budget, "greedy": True},
+        "notes": notes,
     }

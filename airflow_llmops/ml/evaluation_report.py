@@ -9,6 +9,7 @@ from typing import Any
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}th{background:#f4f4f8}td.l,th.l{text-align:left}
+td.sample{white-space:pre-wrap;max-width:28em;vertical-align:top}
 .pass{color:#176e2c;font-weight:bold}.fail{color:#b3261e;font-weight:bold}small{color:#666}
 """
 
@@ -56,6 +57,10 @@ def render(
         f"<p><small>challenger: {html.escape(str(challenger.get('source')))}; champion: "
         f"{html.escape(str((champion or {}).get('source', 'none (first model)')))}</small></p>"
     )
+    notes = [f"challenger: {n}" for n in challenger.get("notes") or []]
+    notes += [f"champion: {n}" for n in (champion or {}).get("notes") or []]
+    if notes:
+        parts.append("<ul>" + "".join(f"<li><small>{html.escape(str(n))}</small></li>" for n in notes) + "</ul>")
     if challenger.get("per_label_f1"):
         old_f1 = (champion or {}).get("per_label_f1", {})
         body = "".join(
@@ -78,15 +83,40 @@ def render(
             "<h2>Challenger confusion (rows: true label, columns: predicted)</h2>"
             f"<table><tr><th></th>{head}</tr>{body}</table>"
         )
-    if challenger.get("generations"):
-        body = "".join(
-            f"<tr><td class='l'>{html.escape(g['prompt'])}</td><td class='l'>{html.escape(g['reply'])}</td>"
-            f"<td>{'yes' if g['ok'] else 'no'}</td></tr>"
-            for g in challenger["generations"]
-        )
-        parts.append(
-            "<h2>Held-out generations (challenger)</h2><table><tr><th class='l'>prompt</th>"
-            f"<th class='l'>reply</th><th>ok</th></tr>{body}</table>"
-        )
+    if challenger.get("samples"):
+        parts.append(_samples_table(challenger, champion))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _cell(text: Any) -> str:
+    return f"<td class='l sample'>{html.escape(str(text if text is not None else ''))}</td>"
+
+
+def _samples_table(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None) -> str:
+    """Held-out prompts with their reference and each model's greedy answer (and judge grades when judged), row by
+    row: both models answer the same first rows of the split. Every text is escaped."""
+    ours = list(challenger["samples"])
+    theirs = list((champion or {}).get("samples") or [])
+    judged = any("judge" in s for s in ours + theirs)
+    head = "".join(f"<th class='l'>{name}</th>" for name in ("#", "prompt", "reference", "challenger answer"))
+    if judged:
+        head += "<th>judge</th>"
+    if theirs:
+        head += "<th class='l'>champion answer</th>" + ("<th>judge</th>" if judged else "")
+    rows = []
+    for index, sample in enumerate(ours):
+        cells = [f"<td class='l'>{index + 1}</td>", _cell(sample.get("prompt")), _cell(sample.get("reference"))]
+        cells.append(_cell(sample.get("answer")))
+        if judged:
+            cells.append(f"<td>{_num(sample.get('judge', ''))}</td>")
+        if theirs:
+            other = theirs[index] if index < len(theirs) else {}
+            cells.append(_cell(other.get("answer")))
+            if judged:
+                cells.append(f"<td>{_num(other.get('judge', ''))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        f"<h2>Samples ({len(ours)} held-out prompts, greedy decoding)</h2>"
+        f"<table class='samples'><tr>{head}</tr>{''.join(rows)}</table>"
+    )
