@@ -28,16 +28,25 @@ from airflow_llmops.schedules import reference_schedule
 
 DATASET = "chatterbot-topics"
 MODEL = "chatterbot-topics-classifier"
-# What the ``task`` Param picks: a dialog generator is its own registered model on its own endpoint (its challenger
-# is never judged against the classifier's champion, nor canaried next to it).
-MODELS = {"classification": MODEL, "causal_lm": "chatterbot-dialog-generator"}
-ENDPOINTS = {"classification": DATASET, "causal_lm": "chatterbot-dialog"}
+# What the ``task`` Param picks: a dialog generator and a chat assistant are each their own registered model on their
+# own endpoint (a challenger is never judged against another task's champion, nor canaried next to it).
+MODELS = {
+    "classification": MODEL,
+    "causal_lm": "chatterbot-dialog-generator",
+    "chat": "chatterbot-chat-assistant",
+}
+ENDPOINTS = {"classification": DATASET, "causal_lm": "chatterbot-dialog", "chat": "chatterbot-chat"}
+# The prepared data of each task is its own Asset (conversations are not the classifier's rows).
+DATASETS = {"classification": DATASET, "causal_lm": DATASET, "chat": "chatterbot-conversations"}
 
 
 def by_task(values: Mapping[str, str]) -> str:
     """A template choosing ``values[params.task]`` (the classification value for any other task)."""
-    lm, classifier = values["causal_lm"], values["classification"]
-    return "{{ " + f"{lm!r} if params.task == 'causal_lm' else {classifier!r}" + " }}"
+    expression = repr(values["classification"])
+    for task, value in values.items():
+        if task != "classification":
+            expression = f"{value!r} if params.task == {task!r} else {expression}"
+    return "{{ " + expression + " }}"
 
 
 def champion_alias(dag_id: str) -> AssetAlias:
@@ -67,9 +76,18 @@ STRATEGIES = ["all_at_once", "blue_green", "canary", "linear", "shadow"]
 
 
 def reference_params(
-    platform: str, *, platforms: list[str] | None = None, strategies: list[str] | None = None
+    platform: str,
+    *,
+    platforms: list[str] | None = None,
+    strategies: list[str] | None = None,
+    tasks: list[str] | None = None,
 ) -> dict[str, Param]:
-    """The typed Params of a manual run (*Trigger DAG w/ config*), the same on every platform."""
+    """The typed Params of a manual run (*Trigger DAG w/ config*), the same on every platform.
+
+    :param tasks: the values the ``task`` Param offers, the first the default (default: classification and
+        causal_lm; every value offered must run end to end).
+    """
+    tasks = tasks or ["classification", "causal_lm"]
     return {
         "platform": Param(
             platform,
@@ -78,10 +96,10 @@ def reference_params(
             description="where training and serving run",
         ),
         "task": Param(
-            "classification",
+            tasks[0],
             type="string",
-            enum=["classification", "causal_lm"],
-            description="topic classification or dialog generation",
+            enum=tasks,
+            description="topic classification, dialog generation or a chat assistant",
         ),
         "model": Param("", type="string", description="Hugging Face id or path; empty: the task's offline default"),
         "dataset_source": Param(
@@ -144,6 +162,11 @@ def reference_pipeline(
     rollout: Mapping[str, Any] | None = None,
     params: Mapping[str, Param] | None = None,
     strategies: list[str] | None = None,
+    tasks: list[str] | None = None,
+    dataset: str = DATASET,
+    validation: Mapping[str, Any] | None = None,
+    quantization: Mapping[str, Any] | None = None,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> DAG:
     """The lifecycle as one DAG: plan → prepare → validate → train → quantize → evaluate → register → latest_only →
     deploy → rollout.
@@ -156,6 +179,11 @@ def reference_pipeline(
         e.g. ``{"distributed": {...}}`` for a two-instance job or ``{"native_guardrails": ...}``.
     :param params: extra Params (e.g. ones the ``training`` / ``rollout`` templates read).
     :param strategies: the rollout strategies the platform can run (the ``rollout_strategy`` Param's choices).
+    :param tasks: the ``task`` Param's choices, the first the default (see :func:`reference_params`).
+    :param dataset: the prepared dataset's name (and Asset).
+    :param validation: / :param quantization: fields added to (or replacing) the validation and quantization specs.
+    :param evaluation: arguments added to (or replacing) the ``evaluate`` task's (e.g. ``metric``,
+        ``generation_rows``, ``max_new_tokens``; templated).
     """
     with DAG(
         dag_id=dag_id,
@@ -168,7 +196,10 @@ def reference_pipeline(
         tags=tags,
         doc_md=doc_md,
         render_template_as_native_obj=True,
-        params={**reference_params(platform, platforms=platforms, strategies=strategies), **dict(params or {})},
+        params={
+            **reference_params(platform, platforms=platforms, strategies=strategies, tasks=tasks),
+            **dict(params or {}),
+        },
     ) as dag:
         cloud: dict[str, Any] = {"platform_conn_id": platform_conn_id} if platform_conn_id else {}
         train_wait: dict[str, Any] = {"deferrable": True} if platform != "local" else {}
@@ -177,7 +208,7 @@ def reference_pipeline(
             platform="{{ params.platform }}",
             retries=0,
             dataset={
-                "name": DATASET,
+                "name": dataset,
                 "source": "{{ params.dataset_source }}",
                 "task": "{{ params.task }}",
             },
@@ -211,12 +242,17 @@ def reference_pipeline(
             task_id="prepare",
             dataset="{{ ti.xcom_pull(task_ids='plan')['specs']['dataset'] }}",
             tokenizer="{{ params.model or 'all-MiniLM-L6-v2' }}",
-            outlets=[dataset_asset(DATASET)],
+            outlets=[dataset_asset(dataset)],
         )
         validate = ValidateDatasetOperator(
             task_id="validate",
             dataset_uri="{{ ti.xcom_pull(task_ids='prepare')['dataset_uri'] }}",
-            validation={"max_tokens": 128, "pii_action": "{{ params.pii_action }}", "max_quarantine_fraction": 0.02},
+            validation={
+                "max_tokens": 128,
+                "pii_action": "{{ params.pii_action }}",
+                "max_quarantine_fraction": 0.02,
+                **dict(validation or {}),
+            },
         )
         train = TrainModelOperator(
             task_id="train",
@@ -244,6 +280,7 @@ def reference_pipeline(
                 "accuracy_aware": True,
                 "max_trials": 12,
                 "max_search_s": 240,
+                **dict(quantization or {}),
             },
             fallback_to_source=True,  # no method within tolerance: ship full precision rather than nothing
         )
@@ -253,6 +290,7 @@ def reference_pipeline(
             dataset_uri="{{ ti.xcom_pull(task_ids='validate')['dataset_uri'] }}",
             registered_model_name=by_task(MODELS),
             min_improvement="{{ params.min_improvement }}",  # type: ignore[arg-type]  # rendered as a number
+            **dict(evaluation or {}),
         )
         register = RegisterModelOperator(
             task_id="register",
@@ -288,3 +326,93 @@ def reference_pipeline(
         )
         plan >> prepare >> validate >> train >> quantize >> evaluate >> register >> latest_only >> deploy >> walk
     return dag
+
+
+CHAT_GATE_METRICS = ["perplexity", "rouge_l", "bleu", "chrf"]
+
+
+def chat_params() -> dict[str, Param]:
+    """The Params :func:`chat_pipeline` adds to (or replaces in) :func:`reference_params`."""
+    return {
+        "dataset_source": Param(
+            f"chatterbot://english?topics={TOPICS}",
+            type="string",
+            minLength=1,
+            description="chatterbot://<language>[?topics=...] (each dialog a conversation) or a JSONL/Parquet/CSV "
+            "file:// (s3://, gs://, abfs://) URI of OpenAI-messages conversations",
+        ),
+        # The tiny GPT-2 is built from a config (no download): it learns the corpus from scratch, so it takes a
+        # higher learning rate than a fine-tuned pretrained model would.
+        "epochs": Param(3, type="number", exclusiveMinimum=0, description="passes over the training split"),
+        "learning_rate": Param(5e-4, type="number", exclusiveMinimum=0, maximum=1),
+        "quantization_methods": Param(
+            ["torch_dynamic_int8"],
+            type="array",
+            items={"type": "string"},
+            description="methods to try (causal LMs: the torch ones; ONNX export of a causal LM is not supported); "
+            "the fastest within max_quality_drop is kept",
+        ),
+        "max_quality_drop": Param(
+            10.0, type="number", minimum=0, description="percent perplexity increase quantization may cost"
+        ),
+        "gate_metric": Param(
+            "perplexity",
+            type="string",
+            enum=CHAT_GATE_METRICS,
+            description="what the evaluation gates on: perplexity on the assistant's tokens (lower is better) or "
+            "ROUGE-L / BLEU / chrF of greedy answers to held-out conversations (higher is better)",
+        ),
+        "min_improvement": Param(
+            0.0,
+            type="number",
+            description="how much better than the champion, in gate_metric units, the new model must be",
+        ),
+        "generation_rows": Param(
+            32, type="integer", minimum=1, description="held-out conversations each model answers in evaluation"
+        ),
+        "max_new_tokens": Param(32, type="integer", minimum=1, description="the longest evaluated answer, tokens"),
+    }
+
+
+def chat_pipeline(
+    *,
+    dag_id: str,
+    platform: str,
+    doc_md: str,
+    description: str,
+    tags: list[str],
+    schedule: str = "@daily",
+    training: Mapping[str, Any] | None = None,
+    validation: Mapping[str, Any] | None = None,
+    quantization: Mapping[str, Any] | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+    params: Mapping[str, Param] | None = None,
+    **kwargs: Any,
+) -> DAG:
+    """The conversational-AI pipeline: :func:`reference_pipeline` with ``task="chat"`` only (its own dataset,
+    registered model and endpoint), chat-sized sequences, torch int8 quantization and a generation-aware gate.
+    ``training`` ... ``params`` are added to (or replace) the chat settings; other arguments go to
+    :func:`reference_pipeline` as they are."""
+    return reference_pipeline(
+        dag_id=dag_id,
+        platform=platform,
+        doc_md=doc_md,
+        description=description,
+        tags=tags,
+        schedule=schedule,
+        tasks=["chat"],
+        dataset=DATASETS["chat"],
+        # Conversations are longer than topic rows: the whole rendered conversation (role markers included) counts.
+        training={"max_seq_length": 128, **dict(training or {})},
+        validation={"max_tokens": 256, **dict(validation or {})},
+        # Int8 everywhere, measured on perplexity (no layer search: the tiny default has few layers to keep).
+        quantization={"accuracy_aware": False, **dict(quantization or {})},
+        evaluation={
+            "metric": "{{ params.gate_metric }}",
+            "generation_rows": "{{ params.generation_rows }}",
+            "max_new_tokens": "{{ params.max_new_tokens }}",
+            **dict(evaluation or {}),
+        },
+        params={**chat_params(), **dict(params or {})},
+        **kwargs,
+    )

@@ -17,11 +17,15 @@ from airflow_llmops.devstack.mlflow_server import MLflowServer
 from airflow_llmops.processes import ManagedProcess, ProcessRecord, port_open, tail
 
 DAG_ID = "llmops_local"
+# ``--pipeline``: which reference DAG the demo triggers.
+PIPELINES = {"local": DAG_ID, "chat": "llmops_chat"}
 
 
 class Demo:
-    def __init__(self, root: Path, port: int) -> None:
+    def __init__(self, root: Path, port: int, *, pipeline: str = "local") -> None:
         self.root = root
+        self.pipeline = pipeline
+        self.dag_id = PIPELINES[pipeline]
         self.port = port
         self.home = root / ".airflow"
         self.pid_file = self.home / "standalone.pid"
@@ -97,23 +101,25 @@ class Demo:
     def run_pipeline(self, conf: dict[str, Any], *, drift: bool = True) -> int:
         self.step.at("logging in to the Airflow REST API")
         client = self.client()
-        self.step.at(f"waiting for the DAG processor to parse {DAG_ID}", DAG_ID)
-        client.wait_for_dag(DAG_ID, timeout=240)
-        client.unpause(DAG_ID)
-        self.step.at(f"triggering {DAG_ID}", DAG_ID)
-        run_id = client.trigger(DAG_ID, conf)
-        print(f">> triggered {DAG_ID} run {run_id} through the REST API; following it")
-        self.step.at(f"following the {DAG_ID} run", DAG_ID, run_id)
-        state = follow(client, DAG_ID, run_id, timeout=float(os.environ.get("LLMOPS_DEMO_TIMEOUT", "3600")))
+        self.step.at(f"waiting for the DAG processor to parse {self.dag_id}", self.dag_id)
+        client.wait_for_dag(self.dag_id, timeout=240)
+        client.unpause(self.dag_id)
+        self.step.at(f"triggering {self.dag_id}", self.dag_id)
+        run_id = client.trigger(self.dag_id, conf)
+        print(f">> triggered {self.dag_id} run {run_id} through the REST API; following it")
+        self.step.at(f"following the {self.dag_id} run", self.dag_id, run_id)
+        state = follow(client, self.dag_id, run_id, timeout=float(os.environ.get("LLMOPS_DEMO_TIMEOUT", "3600")))
         print(f">> run {run_id}: {state}")
         ok = state == "success"
         if ok:
-            self.step.at(f"reading what the {DAG_ID} run produced", DAG_ID, run_id)
+            self.step.at(f"reading what the {self.dag_id} run produced", self.dag_id, run_id)
             self.print_outputs(client, run_id)
-            if drift:
+            if self.pipeline == "chat":
+                ok = self.chat_exchange(client, run_id)
+            elif drift:
                 ok = self.run_drift(client, run_id)
         else:
-            print("\n".join(explain_run(client, DAG_ID, run_id, state, log_root=self.log_root)))
+            print("\n".join(explain_run(client, self.dag_id, run_id, state, log_root=self.log_root)))
         self.print_access()
         return 0 if ok else 1
 
@@ -147,15 +153,15 @@ class Demo:
 
     def print_outputs(self, client: AirflowClient, run_id: str) -> None:
         print("\nWhat the run produced:")
-        plan = client.xcom(DAG_ID, run_id, "plan", missing_ok=True)
+        plan = client.xcom(self.dag_id, run_id, "plan", missing_ok=True)
         if isinstance(plan, dict):
             print(f"   run plan (validated specs)  {plan.get('plan_uri')}")
-        prepared = client.xcom(DAG_ID, run_id, "prepare", missing_ok=True)
+        prepared = client.xcom(self.dag_id, run_id, "prepare", missing_ok=True)
         if isinstance(prepared, dict):
             print(f"   prepared dataset            {prepared.get('dataset_uri')}")
             print(f"     rows per split            {json.dumps(prepared.get('rows'))}")
             print(f"     removed (with reasons)    {json.dumps(prepared.get('removed'))}")
-        validated = client.xcom(DAG_ID, run_id, "validate", missing_ok=True)
+        validated = client.xcom(self.dag_id, run_id, "validate", missing_ok=True)
         if isinstance(validated, dict):
             summary = validated.get("summary", {})
             print(f"   validated dataset           {validated.get('dataset_uri')}")
@@ -165,38 +171,77 @@ class Demo:
                 f"PII redacted {json.dumps(summary.get('pii_redacted'))}"
             )
             print(f"   validation report (GX)      {summary.get('report_url')}")
-        trained = client.xcom(DAG_ID, run_id, "train", missing_ok=True)
+        trained = client.xcom(self.dag_id, run_id, "train", missing_ok=True)
         if isinstance(trained, dict):
             metrics = trained.get("metrics", {})
             shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") or k == "tokens_per_s"}
             print(f"   trained model               {trained.get('model_uri')}")
             print(f"     metrics                   {json.dumps(shown)}")
             print(f"     MLflow run                {trained.get('mlflow_run_id')}")
-        quantized = client.xcom(DAG_ID, run_id, "quantize", missing_ok=True)
+        quantized = client.xcom(self.dag_id, run_id, "quantize", missing_ok=True)
         if isinstance(quantized, dict):
             print(
                 f"   quantized model             {quantized.get('chosen_model_uri')} ({quantized.get('chosen_method')})"
             )
             print(f"     gate                      {quantized.get('message')}")
-        evaluated = client.xcom(DAG_ID, run_id, "evaluate", missing_ok=True)
+        evaluated = client.xcom(self.dag_id, run_id, "evaluate", missing_ok=True)
         if isinstance(evaluated, dict):
             print(f"   evaluation report           {evaluated.get('report_uri')}")
             print(f"     gate                      {evaluated.get('message')}")
-        registered = client.xcom(DAG_ID, run_id, "register", missing_ok=True)
+        registered = client.xcom(self.dag_id, run_id, "register", missing_ok=True)
         if isinstance(registered, dict):
             print(f"   registered model            {registered.get('uri')}  ({self.mlflow_url}/#/models)")
-        deployed = client.xcom(DAG_ID, run_id, "deploy", missing_ok=True)
-        rolled = client.xcom(DAG_ID, run_id, "rollout", missing_ok=True)
+        deployed = client.xcom(self.dag_id, run_id, "deploy", missing_ok=True)
+        rolled = client.xcom(self.dag_id, run_id, "rollout", missing_ok=True)
         if isinstance(deployed, dict):
             url = deployed.get("url")
             print(f"   endpoint                    {url}  (variant {deployed.get('variant')}; OpenAPI: {url}/docs)")
             if isinstance(rolled, dict):
                 print(f"     rollout                   {rolled.get('message')}")
-            print(
-                "     try it                    curl -s -X POST "
-                f"{url}/v1/classify -H 'Content-Type: application/json' -d '{{\"inputs\": \"do you like pizza?\"}}'"
-            )
+            if self.pipeline == "chat":
+                print(
+                    "     try it                    curl -s -X POST "
+                    f"{url}/v1/chat/completions -H 'Content-Type: application/json' "
+                    '-d \'{"messages": [{"role": "user", "content": "Hello"}]}\''
+                )
+            else:
+                print(
+                    "     try it                    curl -s -X POST "
+                    f"{url}/v1/classify -H 'Content-Type: application/json' "
+                    '-d \'{"inputs": "do you like pizza?"}\''
+                )
             print(f"     request log               {deployed.get('platform_kwargs', {}).get('endpoints_root')}/")
+
+    def chat_exchange(self, client: AirflowClient, run_id: str) -> bool:
+        """A conversation with the chat endpoint the run deployed, through the ``openai`` client: one reply, then
+        one streamed chunk by chunk."""
+        import openai
+
+        self.step.at(f"talking to the endpoint the {self.dag_id} run deployed", self.dag_id, run_id)
+        deployed = client.xcom(self.dag_id, run_id, "deploy", missing_ok=True)
+        if not isinstance(deployed, dict) or not deployed.get("url"):
+            print(f"run {run_id} of {self.dag_id} deployed no endpoint")
+            return False
+        chat = openai.OpenAI(base_url=f"{deployed['url']}/v1", api_key="unused", timeout=60, max_retries=1)
+        messages: list[Any] = [{"role": "user", "content": "Hello, how are you?"}]
+        print(f"\nA chat with {deployed['url']} (openai client, model {deployed.get('variant')}):")
+        print(f"   user       {messages[0]['content']}")
+        # Seeded sampling: a briefly trained model's most likely first token is often the end of its turn.
+        sampling: dict[str, Any] = {"max_tokens": 32, "temperature": 0.8, "seed": 7}
+        reply = chat.chat.completions.create(model="llmops", messages=messages, **sampling)
+        answer = reply.choices[0].message.content or ""
+        tokens = reply.usage.completion_tokens if reply.usage else "?"
+        print(f"   assistant  {answer or '(no answer: it ended its turn at once)'}  ({reply.model}, {tokens} tokens)")
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Tell me a joke."}]
+        print(f"   user       {messages[-1]['content']}")
+        print("   assistant  ", end="", flush=True)
+        pieces = []
+        for chunk in chat.chat.completions.create(model="llmops", messages=messages, stream=True, **sampling):
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+                print(chunk.choices[0].delta.content, end="", flush=True)
+        print(f"  (streamed in {len(pieces)} chunks)")
+        return True
 
     def print_access(self) -> None:
         password = generated_admin_password(self.home)
@@ -268,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         help="run: the pipeline, then the drift loop; drift: only the drift loop, against the running endpoint",
     )
     parser.add_argument("--no-drift", action="store_true", help="run the pipeline only")
+    parser.add_argument(
+        "--pipeline",
+        choices=sorted(PIPELINES),
+        default="local",
+        help="local: llmops_local (topic classifier) and the drift loop; chat: llmops_chat (a chat assistant), "
+        "then a chat with its endpoint through the openai client",
+    )
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="project folder holding dags/")
     parser.add_argument("--port", type=int, default=int(os.environ.get("LLMOPS_AIRFLOW_PORT", "8080")))
     parser.add_argument("--conf", default="{}", help="JSON conf (Params) for the triggered run")
@@ -279,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(conf, dict):
         parser.error("--conf must be a JSON object")
     try:
-        demo = Demo(args.root.resolve(), args.port)
+        demo = Demo(args.root.resolve(), args.port, pipeline=args.pipeline)
     except ValueError as err:  # e.g. LLMOPS_MLFLOW_PORT is not a number
         parser.error(str(err))
     try:

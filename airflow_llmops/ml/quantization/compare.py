@@ -83,10 +83,18 @@ class ComparisonReport:
 
 
 def eval_texts(
-    dataset_dir: str | Path, split: str, max_rows: int, *, task: Task = "classification", eos: str = ""
+    dataset_dir: str | Path,
+    split: str,
+    max_rows: int,
+    *,
+    task: Task = "classification",
+    eos: str = "",
+    tokenizer: Any = None,
 ) -> tuple[list[str], list[str] | None]:
     """The first ``max_rows`` rows of a prepared split: texts and labels for a classifier; for a causal LM the
-    texts it was trained on (``prompt<eos>response<eos>`` for dialogs) and no labels."""
+    texts it was trained on (``prompt<eos>response<eos>`` for dialogs; for conversations, a ``messages`` column as
+    ``DatasetSpec(task="chat")`` prepares it, each well-formed one rendered by ``tokenizer``'s chat template, or
+    the default template chat training gives a model without one) and no labels."""
     path = local_path(dataset_dir) / f"{split}.parquet"
     if not path.is_file():
         raise QuantizationInputError(
@@ -101,6 +109,8 @@ def eval_texts(
         from airflow_llmops.ml.training.errors import TrainingInputError
 
         try:
+            if "messages" in frame.columns and not {"prompt", "response", "text"} & set(frame.columns):
+                return chat_texts(frame, tokenizer), None
             return lm_texts(frame, eos), None
         except TrainingInputError as err:
             raise QuantizationInputError(f"{path}: {err}") from None
@@ -110,6 +120,22 @@ def eval_texts(
             f"{path} lacks column(s) {missing} that scoring a classifier needs; it has {list(frame.columns)}"
         )
     return [str(t) for t in frame["text"]], [str(v) for v in frame["label"]]
+
+
+def chat_texts(frame: Any, tokenizer: Any) -> list[str]:
+    """The well-formed conversations of ``frame`` rendered as chat training renders them: by the model's saved chat
+    template, or the default one chat training gives a model without one (``render_chat``'s format)."""
+    from airflow_llmops.ml.data.chat import CHAT_TEMPLATE, render_chat
+    from airflow_llmops.ml.training.data import conversations
+    from airflow_llmops.ml.training.errors import TrainingInputError
+
+    chats = conversations(frame)
+    if not chats:
+        raise TrainingInputError("it has no well-formed conversation to measure")
+    if tokenizer is None:
+        return [render_chat(messages) for messages in chats]
+    template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
+    return [str(tokenizer.apply_chat_template(m, chat_template=template, tokenize=False)) for m in chats]
 
 
 def compare(
@@ -138,7 +164,9 @@ def compare(
     threads = set_threads(spec.threads)
     baseline = load_fp32(source, max_length=max_length)
     eos = str(baseline.tokenizer.eos_token or "")
-    texts, labels = eval_texts(dataset_dir, split, spec.max_eval_rows, task=baseline.task, eos=eos)
+    texts, labels = eval_texts(
+        dataset_dir, split, spec.max_eval_rows, task=baseline.task, eos=eos, tokenizer=baseline.tokenizer
+    )
     if labels is not None:
         check_labels(baseline, labels)
     calibration: list[str] | None = None
@@ -190,7 +218,7 @@ def compare(
     if confirm_split and not (local_path(dataset_dir) / f"{confirm_split}.parquet").is_file():
         confirm_split = None  # a dataset without that split: nothing to confirm on (the report says so)
     if confirm_split:
-        confirm(predictors, rows, dataset_dir, confirm_split, spec.max_eval_rows, eos=eos)
+        confirm(predictors, rows, dataset_dir, confirm_split, spec.max_eval_rows, eos=eos, tokenizer=baseline.tokenizer)
     report = ComparisonReport(
         rows=rows,
         decision=decide(rows, spec),
@@ -227,11 +255,12 @@ def confirm(
     max_rows: int,
     *,
     eos: str = "",
+    tokenizer: Any = None,
 ) -> None:
     """Score every measured row's model on ``split`` too (quality only) and set ``confirm_*`` against fp32."""
     by_method = {p.method: p for p in predictors}
     baseline = next(r for r in rows if r.method == FP32)
-    texts, labels = eval_texts(dataset_dir, split, max_rows, task=by_method[FP32].task, eos=eos)
+    texts, labels = eval_texts(dataset_dir, split, max_rows, task=by_method[FP32].task, eos=eos, tokenizer=tokenizer)
     for row in rows:
         if row.ok and row.method in by_method:
             row.confirm_split = split
