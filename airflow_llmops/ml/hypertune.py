@@ -18,10 +18,11 @@ nothing is reported).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 ENV_METRIC = "LLMOPS_HP_METRIC"
@@ -31,6 +32,26 @@ DEFAULT_FILE = "/tmp/hypertune/output.metrics"
 #: ``MLFLOW_TRACKING_URI`` / ``MLFLOW_RUN_ID``).
 ENV_MLFLOW_URI = "LLMOPS_HP_MLFLOW_URI"
 ENV_MLFLOW_RUN = "LLMOPS_HP_MLFLOW_RUN_ID"
+#: Azure ML's token for its own MLflow server (its ``MLFLOW_TRACKING_TOKEN``), set only around the report.
+ENV_MLFLOW_TOKEN = "LLMOPS_HP_MLFLOW_TOKEN"
+
+
+@contextlib.contextmanager
+def _token(token: str | None) -> Iterator[None]:
+    """``$MLFLOW_TRACKING_TOKEN`` = Azure ML's token for the duration of one call (the process's own MLflow
+    logging, to the pipeline's server, must not carry it)."""
+    if not token:
+        yield
+        return
+    before = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    os.environ["MLFLOW_TRACKING_TOKEN"] = token
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_TOKEN", None)
+        else:
+            os.environ["MLFLOW_TRACKING_TOKEN"] = before
 
 
 def report(metrics: Mapping[str, object], step: int, env: Mapping[str, str] | None = None) -> str | None:
@@ -45,9 +66,10 @@ def report(metrics: Mapping[str, object], step: int, env: Mapping[str, str] | No
     if run_id:
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri=env.get(ENV_MLFLOW_URI) or None).log_metric(
-            run_id, name, float(value), step=int(step)
-        )
+        with _token(env.get(ENV_MLFLOW_TOKEN)):
+            MlflowClient(tracking_uri=env.get(ENV_MLFLOW_URI) or None).log_metric(
+                run_id, name, float(value), step=int(step)
+            )
         return f"{name}={float(value)} at step {int(step)} to the sweep trial's MLflow run {run_id}"
     line = json.dumps(
         {

@@ -1152,6 +1152,8 @@ def azureml_env(env: Mapping[str, str]) -> dict[str, str]:
             )
         out[hypertune.ENV_MLFLOW_URI] = env["MLFLOW_TRACKING_URI"]
         out[hypertune.ENV_MLFLOW_RUN] = env["MLFLOW_RUN_ID"]
+        if env.get("MLFLOW_TRACKING_TOKEN"):  # for Azure's server only (hypertune.report), never the pipeline's
+            out[hypertune.ENV_MLFLOW_TOKEN] = env["MLFLOW_TRACKING_TOKEN"]
     if ENV_PIPELINE_TRACKING_URI in env:
         for name in _AZUREML_MLFLOW:
             out.pop(name, None)

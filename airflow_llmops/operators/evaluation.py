@@ -288,7 +288,11 @@ class EvaluateModelOperator(LLMOpsBaseOperator, BranchMixIn):
         )
         EvaluationReportLink().persist(context, display_uri(report))
         self.log.info("%s", message)
-        run_id = self._log_to_mlflow(context, challenger, champion, decision, report.read_text())
+        try:
+            run_id = self._log_to_mlflow(context, challenger, champion, decision, report.read_text())
+        except Exception as err:  # the gate has decided; an unreachable MLflow must not turn it into a traceback
+            self.log.warning("Could not log the evaluation to MLflow (%s: %s)", type(err).__name__, err)
+            run_id = None
         result = {
             **decision,
             "challenger": challenger["metrics"],

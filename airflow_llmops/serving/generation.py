@@ -217,17 +217,14 @@ class DecodeEngine:
                             else:
                                 newcomers.append(seq)
                     self._running = len(rows) + len(newcomers)
-                rows, cache = self._drop_gone(rows, cache)
-                if rows:
-                    try:
-                        rows, cache = self._step(rows, cache)
-                    except Exception as err:  # one forward pass for all: all of them fail
-                        log.exception("%s: decode step failed for %d sequence(s)", self.name, len(rows))
-                        for seq in rows:
+                try:
+                    rows, cache = self._iterate(rows, cache, newcomers)
+                except Exception as err:  # e.g. a cache merge out of memory: fail this batch, keep the loop serving
+                    log.exception("%s: batching failed for %d sequence(s)", self.name, len(rows) + len(newcomers))
+                    for seq in [*rows, *newcomers]:
+                        if not seq.done:
                             _fail(seq, err)
-                        rows, cache = [], None
-                for joined, joined_cache in self._prefill_isolated(newcomers):
-                    rows, cache = self._merge(rows, cache, joined, joined_cache)
+                    rows, cache = [], None
                 with self._cond:
                     self._running = len(rows)
                     waiting = len(self._waiting)
@@ -235,6 +232,21 @@ class DecodeEngine:
         for seq in left:
             _fail(seq, Unavailable(f"{self.name} was removed while the request ran"))
         self.observer.batch(0, 0)
+
+    def _iterate(self, rows: list[Sequence], cache: Any, newcomers: list[Sequence]) -> tuple[list[Sequence], Any]:
+        """One decode step for the running batch, then the newcomers prefilled and merged into it."""
+        rows, cache = self._drop_gone(rows, cache)
+        if rows:
+            try:
+                rows, cache = self._step(rows, cache)
+            except Exception as err:  # one forward pass for all: all of them fail
+                log.exception("%s: decode step failed for %d sequence(s)", self.name, len(rows))
+                for seq in rows:
+                    _fail(seq, err)
+                rows, cache = [], None
+        for joined, joined_cache in self._prefill_isolated(newcomers):
+            rows, cache = self._merge(rows, cache, joined, joined_cache)
+        return rows, cache
 
     def _finish(self, seq: Sequence) -> None:
         if seq.done:

