@@ -76,15 +76,16 @@ def require_module(name: str) -> ModuleType:
 def prepare_chatterbot(
     folder: Path, *, kind: str = "classification", topics: str = "ai,food,greetings,money", **split: float
 ) -> Path:
-    """A small prepared dataset (the data stage's real code) from the bundled dialog corpus."""
+    """A small prepared dataset (the data stage's real code) from the bundled dialog corpus: ``kind``
+    ``classification``, ``dialog`` (causal LM) or ``chat`` (conversations)."""
     from airflow_llmops.ml.data.chatterbot import load_chatterbot
     from airflow_llmops.ml.data.prepare import prepare_records, serialise
     from airflow_llmops.specs import DatasetSpec
 
     uri = f"chatterbot://english?topics={topics}"
-    task = "classification" if kind == "classification" else "causal_lm"
+    task = kind if kind in ("classification", "chat") else "causal_lm"
     spec = DatasetSpec(name=folder.name, source=uri, task=task, split=split or {})
-    records = load_chatterbot(uri, kind="classification" if kind == "classification" else "dialog")
+    records = load_chatterbot(uri, kind=kind if kind in ("classification", "chat") else "dialog")
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in serialise(prepare_records(records, spec)).items():
         (folder / name).write_bytes(data)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import prepare_chatterbot
 
 from airflow_llmops.specs.training import TrainingSpec
 
@@ -23,15 +24,9 @@ TIMEOUT = 240
 
 @pytest.fixture(scope="module")
 def chat_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from airflow_llmops.ml.data.chatterbot import load_chatterbot
-    from airflow_llmops.ml.data.prepare import prepare_records, serialise
-    from airflow_llmops.specs import DatasetSpec
-
-    folder = tmp_path_factory.mktemp("chats")
-    uri = "chatterbot://english?topics=ai,food,greetings,conversations"
-    spec = DatasetSpec(name="chatterbot-chat", source=uri, task="chat")
-    for name, data in serialise(prepare_records(load_chatterbot(uri, kind="chat"), spec)).items():
-        (folder / name).write_bytes(data)
+    folder = prepare_chatterbot(
+        tmp_path_factory.mktemp("chats") / "chatterbot-chat", kind="chat", topics="ai,food,greetings,conversations"
+    )
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["task"] == "chat" and manifest["splits"]["validation"]["conversations"] > 0
     return folder

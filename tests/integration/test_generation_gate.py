@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import require_module
+from conftest import prepare_chatterbot, require_module
 
 require_module("transformers")
 require_module("openai")
@@ -26,15 +26,9 @@ CONN_ID = "llmops_test_judge"
 
 @pytest.fixture(scope="module")
 def chat_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from airflow_llmops.ml.data.chatterbot import load_chatterbot
-    from airflow_llmops.ml.data.prepare import prepare_records, serialise
-    from airflow_llmops.specs import DatasetSpec
-
-    folder = tmp_path_factory.mktemp("chats")
-    uri = "chatterbot://english?topics=ai,food,greetings,conversations"
-    spec = DatasetSpec(name="chatterbot-chat", source=uri, task="chat")
-    for name, data in serialise(prepare_records(load_chatterbot(uri, kind="chat"), spec)).items():
-        (folder / name).write_bytes(data)
+    folder = prepare_chatterbot(
+        tmp_path_factory.mktemp("chats") / "chatterbot-chat", kind="chat", topics="ai,food,greetings,conversations"
+    )
     assert json.loads((folder / "manifest.json").read_text())["splits"]["test"]["conversations"] >= 8
     return folder
 
