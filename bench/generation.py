@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 SENTENCES = (
     "hello how are you today I would like a pizza with extra cheese what is the price of bread my bank account "
     "balance please tell me a joke about computers the weather is nice and sunny can you help me book a table "
@@ -72,17 +73,6 @@ def build_lm(folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def start(work: Path, name: str, argv: list[str]) -> tuple[Any, str]:
-    from airflow_llmops.processes import ManagedProcess, free_port, http_ok
-
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = ManagedProcess(name, [*argv, "--port", str(port)], work / f"{name}.log", env=env).start()
-    url = f"http://127.0.0.1:{port}"
-    process.wait_until(lambda: http_ok(f"{url}/readyz"), timeout=180, what="readiness", interval=0.5)
-    return process, url
 
 
 def quantiles(values: list[float]) -> tuple[float, float]:
@@ -249,6 +239,8 @@ def main() -> int:
         sys.executable, "-m", "airflow_llmops.cli", "serve", "--host", "127.0.0.1", "--model", f"lm={folder}",
         "--torch-threads", str(args.torch_threads), "--max-decode-batch-size", str(args.max_decode_batch_size),
     ]  # fmt: skip
+    from serve import start  # bench/serve.py: the server process, started and ready
+
     process, url = start(work, "serve", argv)
     try:
         rows["served"] = [asyncio.run(load(url, c, args.seconds, pool, args.max_tokens)) for c in levels]
