@@ -84,6 +84,7 @@ class AzureML:
         self.settings = settings_from(AzureMLSettings, settings, platform="azureml", error=AzureMLConfigError)
         self._clients: dict[str, Any] = {}
         self._workspace: tuple[str, str, str] | None = None
+        self._trial_results: dict[str, dict[str, Any]] = {}  # an ended trial's result file does not change
 
     # -- clients --------------------------------------------------------------------------------------------------
     def _client_kwargs(self) -> dict[str, Any]:
@@ -322,7 +323,12 @@ class AzureML:
         for child in sorted(children, key=lambda c: str(c.name)):
             status = _status(child)
             state = _STATES.get(status, JobState.RUNNING)
-            result = read_json_uri(f"{base}/{child.name}/llmops/result.json") if state.is_terminal else {}
+            result: dict[str, Any] = {}
+            if state.is_terminal:
+                uri = f"{base}/{child.name}/llmops/result.json"
+                result = self._trial_results.get(uri) or read_json_uri(uri)
+                if result:  # read once, not on every poll of the sweep (an absent file is read again)
+                    self._trial_results[uri] = result
             value = (result.get("metrics") or {}).get(metric)
             trials.append(
                 {
