@@ -59,3 +59,29 @@ llmops_bootstrap() {
     >/dev/null 2>&1 || true
   echo "$want" > "$STAMP"
 }
+
+# ---- Chromium for the LLMOps page's browser test (tests/e2e/test_ui_page.py) ----------------------------------------
+# Playwright drives Debian's chromium (no browser download). Idempotent; installs only as root or with password-less
+# sudo, otherwise says how. Runs only when scripts/test sources this file.
+llmops_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  command -v apt-get >/dev/null 2>&1 || {
+    echo ">> no chromium: the LLMOps page's browser test skips (fails under CI=true); install Chromium and set LLMOPS_CHROMIUM" >&2
+    return 0
+  }
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo"; else
+      echo ">> no chromium: the LLMOps page's browser test skips (fails under CI=true); install it with: sudo apt-get install -y chromium" >&2
+      return 0
+    fi
+  fi
+  echo ">> installing chromium with apt-get (the LLMOps page's browser test)"
+  $sudo apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 ||
+    { $sudo apt-get update >/dev/null 2>&1 && $sudo apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; } ||
+    echo ">> could not install chromium with apt-get; the browser test skips (fails under CI=true)" >&2
+}
+if [ "$(basename "${BASH_SOURCE[1]:-}")" = "test" ]; then
+  llmops_chromium
+fi
+# ---- end of the Chromium step -----------------------------------------------------------------------------------------

@@ -247,6 +247,7 @@ class Demo:
         password = generated_admin_password(self.home)
         print(
             f"\nAirflow UI       {self.url}  (login admin / {password})\n"
+            f"LLMOps page      {self.url}/plugin/llmops  (models, endpoints, drift; in the Airflow UI)\n"
             f"MLflow UI        {self.mlflow_url}\n"
             f"                 password file: {self.home / 'simple_auth_manager_passwords.json.generated'}\n"
             f"Airflow log      {self.log_path}\n"

@@ -35,6 +35,8 @@ def create_app() -> Any:
     from fastapi import Depends, FastAPI, HTTPException
     from fastapi.responses import FileResponse
 
+    from airflow_llmops.plugins.ui import PAGE_HEADERS, create_router, is_ui_path
+
     app = FastAPI(title="airflow-llmops artifacts", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/artifacts/{dag_id}/{path:path}", dependencies=[Depends(requires_access_dag(method="GET"))])
@@ -52,12 +54,17 @@ def create_app() -> Any:
         media_type = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
         return FileResponse(target, media_type=media_type, headers=SECURITY_HEADERS)
 
+    app.include_router(create_router())
+
     @app.middleware("http")
     async def security_headers(request: Any, call_next: Any) -> Any:
-        # Error answers too: a 404 page echoes the requested path.
+        # Error answers too: a 404 page echoes the requested path. The LLMOps page's own routes get a policy that
+        # lets its bundled script run (same origin only); everything else, reports above all, is sandboxed.
         response = await call_next(request)
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
+        headers = PAGE_HEADERS if is_ui_path(request) else SECURITY_HEADERS
+        for name, value in headers.items():
+            if name != "Cache-Control":
+                response.headers.setdefault(name, value)
         return response
 
     return app
@@ -79,3 +86,18 @@ class LazyApp:
 class LLMOpsPlugin(AirflowPlugin):
     name = "llmops"
     fastapi_apps = [{"app": LazyApp(), "url_prefix": "/llmops", "name": "LLMOps artifacts"}]
+    # The LLMOps page in the navigation, and a task instance's report on every task's page (Airflow 3.1+ renders
+    # both in an iframe; the routes ask Airflow's auth for the UI's session).
+    external_views = [
+        {"name": "LLMOps", "href": "/llmops/ui/", "destination": "nav", "url_route": "llmops"},
+        {
+            "name": "LLMOps report",
+            "href": "/llmops/ui/task?dag_id={DAG_ID}&run_id={RUN_ID}&task_id={TASK_ID}&map_index={MAP_INDEX}",
+            "destination": "task_instance",
+            "url_route": "llmops-report",
+        },
+    ]
+    # Endpoints' health and the last drift verdicts on Airflow's home page (Airflow 3.3: react apps may go there).
+    react_apps = [
+        {"name": "LLMOps widget", "bundle_url": "/llmops/ui/static/widget.js", "destination": "dashboard"},
+    ]
