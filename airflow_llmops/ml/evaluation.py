@@ -47,29 +47,20 @@ def evaluate_classifier(
     model_dir: str | Path, dataset_dir: str | Path, *, split: str = "test", batch_size: int = 64, max_length: int = 128
 ) -> dict[str, Any]:
     """Accuracy and macro-F1 of a saved sequence classifier on ``split`` (labels from the model's config)."""
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from airflow_llmops.ml import predict as P
 
     frame = load_split(dataset_dir, split)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
-    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
-    unknown = sorted(set(frame["label"]) - set(id2label.values()))
+    unknown = sorted(set(frame["label"]) - set(P.class_labels(model.config)))
     if unknown:
         raise ValueError(f"split {split!r} has labels the model does not know: {unknown[:10]}")
-    predictions: list[str] = []
-    texts = list(frame["text"])
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                texts[start : start + batch_size],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-            logits = model(**batch).logits
-            predictions.extend(id2label[int(i)] for i in logits.argmax(dim=-1))
+    results = P.classify(
+        model, tokenizer, [str(t) for t in frame["text"]], max_length=max_length, batch_size=batch_size
+    )
+    predictions = [r.label for r in results]
     return {**classification_metrics(list(frame["label"]), predictions), "rows": len(frame)}
 
 
@@ -88,9 +79,9 @@ def model_task(model_dir: str | Path, dataset_columns: Sequence[str] | None = No
     """
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(model_dir))
-    names = config.architectures or []
-    if not any(n.endswith("ForCausalLM") or "LMHead" in n for n in names):
+    from airflow_llmops.ml.predict import is_causal_lm
+
+    if not is_causal_lm(AutoConfig.from_pretrained(str(model_dir))):
         return "classification"
     return "chat" if dataset_columns is not None and "messages" in dataset_columns else "causal_lm"
 
@@ -182,51 +173,15 @@ def _label_report(truth: list[str], predicted: list[str]) -> dict[str, Any]:
 
 
 def _classification_details(model_dir: str | Path, frame: pd.DataFrame, split: str, max_length: int) -> dict[str, Any]:
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from airflow_llmops.ml import predict as P
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
-    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
-    truth = _checked_labels(frame, split, list(id2label.values()))
-    predicted: list[str] = []
-    texts = [str(t) for t in frame["text"]]
-    with torch.inference_mode():
-        for start in range(0, len(texts), 64):
-            batch = tokenizer(
-                texts[start : start + 64], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-            )
-            predicted.extend(id2label[int(i)] for i in model(**batch).logits.argmax(dim=-1))
-    return _label_report(truth, predicted)
-
-
-def _positions(model: Any) -> int | None:
-    """The model's position table (prompt plus answer must fit in it), or None for models without one."""
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _stop_ids(model: Any, tokenizer: Any, chat: bool) -> list[int]:
-    """EOS from the tokenizer and the model's generation config, and for chat the role markers that are special
-    tokens (a reply that starts the next user turn has ended)."""
-    ids: set[int] = set()
-    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    if chat:
-        from airflow_llmops.ml.data.chat import ROLE_MARKERS
-
-        special = set(getattr(tokenizer, "all_special_tokens", []) or [])
-        for marker in ROLE_MARKERS:
-            if marker in special:
-                ids.add(int(tokenizer.convert_tokens_to_ids(marker)))
-    return sorted(ids)
+    truth = _checked_labels(frame, split, P.class_labels(model.config))
+    results = P.classify(model, tokenizer, [str(t) for t in frame["text"]], max_length=max_length, batch_size=64)
+    return _label_report(truth, [r.label for r in results])
 
 
 def _lm_inputs(
@@ -267,71 +222,21 @@ def _lm_inputs(
 
 
 def _perplexity(model: Any, examples: list[dict[str, list[int]]], pad_id: int, batch_size: int) -> tuple[float, int]:
-    """Mean next-token loss over the labelled tokens (assistant tokens for chat, every real token otherwise)."""
+    """Summed next-token NLL over the labelled tokens (assistant tokens for chat, every real token otherwise) and
+    their count."""
     import torch
 
-    from airflow_llmops.ml.training.data import IGNORE, PadCollator
+    from airflow_llmops.ml.predict import nll_sum
+    from airflow_llmops.ml.training.data import PadCollator
 
     collate = PadCollator(pad_id, causal_lm=True)
     device = next(model.parameters(), torch.empty(0)).device
     total, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            targets = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE, reduction="sum"
-            )
-            total += float(loss)
-            count += int((targets != IGNORE).sum())
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+        nll, n = nll_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total, count = total + nll, count + n
     return total, count
-
-
-def _generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    *,
-    chat: bool,
-    max_new_tokens: int,
-    max_prompt_tokens: int,
-    batch_size: int,
-) -> list[str]:
-    """Greedy answers, batched with left padding (prompts cut on the left: the generation prompt stays)."""
-    import torch
-
-    sides = tokenizer.padding_side, tokenizer.truncation_side
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-    stop = _stop_ids(model, tokenizer, chat)
-    device = next(model.parameters(), torch.empty(0)).device
-    answers: list[str] = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(prompts), batch_size):
-                batch = tokenizer(
-                    prompts[start : start + batch_size],
-                    add_special_tokens=not chat,  # a chat template writes the special tokens it wants
-                    padding=True,
-                    truncation=True,
-                    max_length=max_prompt_tokens,
-                    return_tensors="pt",
-                ).to(device)
-                out = model.generate(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=stop or None,
-                )
-                width = batch["input_ids"].shape[1]
-                answers.extend(
-                    str(tokenizer.decode(row[width:], skip_special_tokens=True)).strip() for row in out.cpu()
-                )
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = sides
-    return answers
 
 
 def _bare(prompt: str, tokenizer: Any) -> str:
@@ -356,13 +261,12 @@ def causal_lm_details(
     (``add_generation_prompt=True``), the reference being that last turn; for prompt/response rows the prompt and
     its EOS, the reference the response; plain text rows get answers but no reference metrics.
     """
-    import math
-
     from airflow_llmops.ml import generation_metrics as G
+    from airflow_llmops.ml import predict as P
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    positions = _positions(model)
+    positions = P.positions(getattr(model, "config", None))
     if positions is not None:
         max_length = min(max_length, positions)
     examples, prompts, references, notes = _lm_inputs(tokenizer, frame, task, max_length)
@@ -375,20 +279,23 @@ def causal_lm_details(
     new_tokens = max(1, min(max_new_tokens, positions // 2)) if positions is not None else max(1, max_new_tokens)
     prompt_budget = max(1, min(max_length, positions - new_tokens) if positions is not None else max_length)
     chosen = prompts[: max(0, generation_rows)]
-    answers = _generate(
-        model,
-        tokenizer,
-        chosen,
-        chat=task == "chat",
-        max_new_tokens=new_tokens,
-        max_prompt_tokens=prompt_budget,
-        batch_size=batch_size,
-    )
+    answers = [  # stripped: the scores compare words, not the space a tokenizer puts before the first one
+        a.strip()
+        for a in P.generate(
+            model,
+            tokenizer,
+            chosen,
+            add_special_tokens=task != "chat",  # a chat template writes the special tokens it wants
+            max_new_tokens=new_tokens,
+            max_prompt_tokens=prompt_budget,
+            batch_size=batch_size,
+        )
+    ]
     wanted = (references or [""] * len(prompts))[: len(chosen)]
     samples = [{"prompt": p, "reference": r, "answer": a} for p, r, a in zip(chosen, wanted, answers, strict=True)]
     mean = total / count
     metrics: dict[str, float] = {
-        "perplexity": math.exp(min(mean, 700.0)),
+        "perplexity": P.perplexity(mean),
         "loss": mean,
         "rows": float(len(examples)),
         "scored_tokens": float(count),
@@ -401,6 +308,11 @@ def causal_lm_details(
     return {
         "metrics": metrics,
         "samples": samples,
-        "generation": {"max_new_tokens": new_tokens, "max_prompt_tokens": prompt_budget, "greedy": True},
+        "generation": {
+            "max_new_tokens": new_tokens,
+            "max_prompt_tokens": prompt_budget,
+            "greedy": True,
+            "stop_token_ids": sorted(P.stop_token_ids(tokenizer, model)),
+        },
         "notes": notes,
     }

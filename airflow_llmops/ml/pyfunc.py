@@ -28,9 +28,11 @@ class TextModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
             return
         from transformers import AutoConfig, AutoTokenizer
 
+        from airflow_llmops.ml.predict import is_causal_lm
+
         config = AutoConfig.from_pretrained(str(folder))
         self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        if config.architectures and any(a.endswith("ForCausalLM") or "LMHead" in a for a in config.architectures):
+        if is_causal_lm(config):
             from transformers import AutoModelForCausalLM
 
             model: Any = AutoModelForCausalLM.from_pretrained(str(folder))
@@ -44,26 +46,17 @@ class TextModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
             self._kind = "classification"
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+        """Labels, or greedy continuations (``max_new_tokens`` in ``params``, default 32) that end at the model's
+        stop tokens (:func:`airflow_llmops.ml.predict.stop_token_ids`), as the model server's do."""
+        from airflow_llmops.ml import predict as P
+
         texts = _texts(model_input)
         if self._kind == "quantized":
             return [str(label) for label in self._predictor.predict(texts)]
-        import torch
-
-        with torch.inference_mode():
-            if self._kind == "classification":
-                batch = self._tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-                ids = self._model(**batch).logits.argmax(dim=-1).tolist()
-                return [str(self._model.config.id2label[int(i)]) for i in ids]
-            new_tokens = int((params or {}).get("max_new_tokens", 32))
-            out = []
-            for text in texts:
-                batch = self._tokenizer(text, return_tensors="pt")
-                generated = self._model.generate(
-                    **batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=self._tokenizer.pad_token_id
-                )
-                reply = self._tokenizer.decode(generated[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-                out.append(str(reply))
-            return out
+        if self._kind == "classification":
+            return [r.label for r in P.classify(self._model, self._tokenizer, texts, max_length=128)]
+        new_tokens = int((params or {}).get("max_new_tokens", 32))
+        return P.generate(self._model, self._tokenizer, texts, max_new_tokens=new_tokens)
 
 
 def _texts(model_input: Any) -> list[str]:

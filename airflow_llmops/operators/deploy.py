@@ -40,7 +40,8 @@ class DeployModelOperator(LLMOpsBaseOperator):
     :param variant: the new variant's name; default ``v<version>`` for a registry version (templated).
     :param port: port of a new local endpoint (an existing one keeps its port).
     :param platform_options: extra keyword arguments of the platform's adapter (local: ``host``,
-        ``advertise_host``; JSON values only, never credentials: those belong in ``platform_conn_id``).
+        ``advertise_host``, ``redact_output_pii`` (redact personal data in generated text; set when the endpoint's
+        server starts); JSON values only, never credentials: those belong in ``platform_conn_id``).
     """
 
     template_fields: Sequence[str] = (

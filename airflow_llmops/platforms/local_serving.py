@@ -50,6 +50,8 @@ class LocalEndpoints:
     :param host: address the server binds (``0.0.0.0`` where other hosts or containers must reach it).
     :param advertise_host: host name in the endpoint's URL when ``host`` is a wildcard address.
     :param test_faults: start the server with its failure-injection admin route (tests only).
+    :param redact_output_pii: start the server with ``--redact-output-pii``: personal data in generated text is
+        replaced with placeholders (an endpoint whose server already runs keeps the setting it started with).
     """
 
     name = "local"
@@ -65,6 +67,7 @@ class LocalEndpoints:
         advertise_host: str | None = None,
         python: str | None = None,
         test_faults: bool = False,
+        redact_output_pii: bool = False,
     ) -> None:
         self.endpoints_root = Path(str(endpoints_root).removeprefix("file://"))
         self.env = dict(env or {})
@@ -73,6 +76,7 @@ class LocalEndpoints:
         self.advertise_host = advertise_host
         self.python = python or sys.executable
         self.test_faults = test_faults
+        self.redact_output_pii = redact_output_pii
 
     # -- the server process -----------------------------------------------------------------------------------
     def endpoint_dir(self, endpoint_name: str) -> Path:
@@ -138,6 +142,8 @@ class LocalEndpoints:
         ]
         if self.test_faults:
             argv.append("--enable-fault-injection")
+        if self.redact_output_pii:  # personal data in generated text replaced before it leaves the server
+            argv.append("--redact-output-pii")
         # Only what the server needs: never the worker's Airflow secrets (Fernet key, database URL, connections).
         env = child_env({**self.env, "LLMOPS_ADMIN_TOKEN": self.admin_token(endpoint_name), "PYTHONUNBUFFERED": "1"})
         process = ManagedProcess(f"endpoint {endpoint_name}", argv, folder / "server.log", env=env).start()

@@ -26,7 +26,7 @@ class LocalHost:
     :param jobs_root: folder of training jobs (needed for training).
     :param endpoints_root: folder of endpoints (needed for deployment).
     :param env: extra environment of jobs and servers (e.g. ``MLFLOW_TRACKING_URI``).
-    :param port, host, advertise_host, test_faults: see :class:`LocalEndpoints`.
+    :param port, host, advertise_host, test_faults, redact_output_pii: see :class:`LocalEndpoints`.
     """
 
     name = "local"
@@ -43,6 +43,7 @@ class LocalHost:
         advertise_host: str | None = None,
         python: str | None = None,
         test_faults: bool = False,
+        redact_output_pii: bool = False,
     ) -> None:
         env = dict(env or {})
         self._training = LocalPlatform(jobs_root, env=env, python=python) if jobs_root is not None else None
@@ -55,6 +56,7 @@ class LocalHost:
                 advertise_host=advertise_host,
                 python=python,
                 test_faults=test_faults,
+                redact_output_pii=redact_output_pii,
             )
             if endpoints_root is not None
             else None

@@ -92,11 +92,13 @@ class ServingClient:
         fault: Mapping[str, float] | None = None,
         max_batch_size: int | None = None,
         max_batch_delay_ms: float | None = None,
+        redact_output_pii: bool | None = None,
         wait: bool = True,
     ) -> dict[str, Any]:
         """Add a variant; with ``wait`` it returns once the model is loaded (raises with the load error otherwise).
 
         ``fault`` (``{"error_rate": 0.5, "extra_latency_ms": 200}``) is failure injection, for tests only.
+        ``redact_output_pii``: redact personal data in its generated text (None: the server's setting).
         """
         payload: dict[str, Any] = {
             "name": name,
@@ -106,7 +108,12 @@ class ServingClient:
             "mirror_percent": mirror_percent,
             "wait": wait,
         }
-        optional = {"fault": fault, "max_batch_size": max_batch_size, "max_batch_delay_ms": max_batch_delay_ms}
+        optional = {
+            "fault": fault,
+            "max_batch_size": max_batch_size,
+            "max_batch_delay_ms": max_batch_delay_ms,
+            "redact_output_pii": redact_output_pii,
+        }
         payload.update({k: v for k, v in optional.items() if v is not None})
         return dict(self._admin("POST", "/variants", json=payload))
 

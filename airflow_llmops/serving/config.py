@@ -66,6 +66,9 @@ class VariantSpec(_Model):
     :param max_batch_size: texts per forward pass of a classifier, sequences decoded together by a causal LM
         (default: the server's ``max_batch_size`` / ``max_decode_batch_size``).
     :param max_batch_delay_ms: how long the batcher waits for more requests (default: the server's).
+    :param redact_output_pii: replace personal data (e-mail addresses, phone and card numbers, IBANs, IP
+        addresses, secrets) in this variant's generated text with placeholders, streamed or not (default: the
+        server's ``redact_output_pii``); see :mod:`airflow_llmops.serving.redaction`.
     """
 
     name: str = Field(pattern=VARIANT_NAME)
@@ -76,6 +79,7 @@ class VariantSpec(_Model):
     fault: FaultSpec | None = None
     max_batch_size: int | None = Field(default=None, ge=1, le=1024)
     max_batch_delay_ms: float | None = Field(default=None, ge=0.0, le=1000.0)
+    redact_output_pii: bool | None = None
 
     @field_validator("weight", "mirror_percent")
     @classmethod
@@ -143,6 +147,11 @@ class ServerConfig(_Model):
         description="sequences a causal LM variant decodes together (continuous batching); more wait to join",
     )
     metrics_retention_s: float = Field(default=3600.0, gt=0)
+    redact_output_pii: bool = Field(
+        default=False,
+        description="redact personal data in generated text (completions, chat, streams) of every variant that "
+        "does not set its own redact_output_pii; counted in llmops_output_pii_redactions_total",
+    )
     shadow_max_pending: int = Field(default=64, ge=0, description="shadow copies in flight; more are dropped")
     torch_threads: int | None = Field(default=None, ge=1)
     health_route: str | None = Field(

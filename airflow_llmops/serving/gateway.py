@@ -24,6 +24,7 @@ from airflow_llmops.serving.models import (
     Task,
     TextCallback,
 )
+from airflow_llmops.serving.redaction import StreamRedactor, redacting_future
 from airflow_llmops.serving.request_log import RequestLogWriter
 from airflow_llmops.serving.telemetry import Telemetry
 from airflow_llmops.serving.variants import Variant, VariantRegistry
@@ -70,11 +71,19 @@ async def start_generation(
     model = variant.model
     if model is None:
         raise Unavailable(f"variant {variant.name!r} is not loaded")
+    count = variant.redact_output
+    redactor = StreamRedactor(on_text) if count is not None else None
+    if redactor is not None and on_text is not None:  # the stream gets the redacted text only
+        on_text = redactor.feed
     loop = asyncio.get_running_loop()
     if isinstance(model, BatchedGenerator):  # tokenizing in the worker thread, decoding in the model's loop
         call = functools.partial(model.submit, prompt, params, on_text=on_text, cancelled=cancelled)
-        return await loop.run_in_executor(variant.executor, call)
-    return variant.executor.submit(model.generate, prompt, params, on_text=on_text, cancelled=cancelled)
+        future = await loop.run_in_executor(variant.executor, call)
+    else:
+        future = variant.executor.submit(model.generate, prompt, params, on_text=on_text, cancelled=cancelled)
+    if redactor is None or count is None:
+        return future
+    return redacting_future(future, redactor, count)
 
 
 def generate_work(prompt: str, params: GenerationParams) -> Work[Generation]:

@@ -9,7 +9,9 @@ Every request becomes a *sequence* in a queue. The loop thread, at each iteratio
    and their KV cache is merged into the running batch's, so they decode with it from the next step on.
 
 Each sequence keeps its own ``max_tokens``, temperature / top-p, seed (a ``torch.Generator`` of its own), stop
-sequences, EOS and streaming callback, and leaves the batch (its cache rows cut out) the step it finishes.
+sequences and streaming callback, and leaves the batch (its cache rows cut out) the step it finishes. All of them
+stop at the model's stop tokens (:func:`airflow_llmops.ml.predict.stop_token_ids`: EOS, and for a chat model its
+turn markers, as the evaluation's answers do).
 
 The KV cache layout: ``[batch, heads, L, head_dim]`` per layer, every sequence's tokens right-aligned (the left
 columns of a shorter one are padding, masked out), so one new column per step serves the whole batch; when
@@ -118,7 +120,7 @@ class DecodeEngine:
         cache_arg: str,
         decode: Callable[[list[int]], str],
         pick: Callable[[Any, GenerationParams, Any], int],
-        eos_id: int | None,
+        stop_ids: frozenset[int] | set[int] = frozenset(),
         pad_id: int,
         max_batch_size: int = 16,
         name: str = "model",
@@ -132,7 +134,8 @@ class DecodeEngine:
         self._cache_arg = cache_arg
         self._decode = decode
         self._pick = pick
-        self.eos_id = eos_id
+        # EOS and, for a chat model, its turn markers (airflow_llmops.ml.predict.stop_token_ids): never emitted.
+        self.stop_ids = frozenset(stop_ids)
         self.pad_id = pad_id
         self.name = name
         self.observer: GenerationObserver = _NoObserver()
@@ -275,7 +278,7 @@ class DecodeEngine:
         now = time.perf_counter()
         for seq, token in zip(rows, tokens, strict=True):
             self._accept(seq, token, now)
-        self.observer.generated(sum(1 for token in tokens if token != self.eos_id))
+        self.observer.generated(sum(1 for token in tokens if token not in self.stop_ids))
 
     def _accept(self, seq: Sequence, token: int, now: float) -> None:
         """Take the token picked for ``seq``; marks it done when it finished (EOS, stop, length, client gone)."""
@@ -284,7 +287,7 @@ class DecodeEngine:
         else:
             self.observer.next_token(now - seq.last_token_at)
         seq.last_token_at = now
-        if token == self.eos_id:
+        if token in self.stop_ids:
             seq.finish = "stop"
             self._finish(seq)
             return
@@ -313,12 +316,12 @@ class DecodeEngine:
     def _pick_all(self, rows: list[Sequence], logits: Any) -> list[int]:
         """One token per row of ``logits`` (``[batch, vocab]``): greedy rows in one argmax, sampled ones each with
         its own generator."""
-        from airflow_llmops.serving.models import _GREEDY_BELOW
+        from airflow_llmops.ml.predict import GREEDY_BELOW
 
         greedy = logits.argmax(dim=-1).tolist()
         return [
             int(greedy[i])
-            if seq.params.temperature < _GREEDY_BELOW
+            if seq.params.temperature < GREEDY_BELOW
             else self._pick(logits[i], seq.params, seq.generator)
             for i, seq in enumerate(rows)
         ]

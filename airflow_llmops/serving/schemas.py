@@ -221,6 +221,7 @@ class VariantInfo(BaseModel):
     error: str | None
     fault: FaultSpec | None
     loaded_at: float | None
+    redact_output_pii: bool = False
 
 
 class VariantsResponse(BaseModel):

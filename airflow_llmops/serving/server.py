@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {defaults.max_decode_batch_size})",
     )
     parser.add_argument("--shadow-max-pending", type=int, default=defaults.shadow_max_pending)
+    parser.add_argument(
+        "--redact-output-pii",
+        action="store_true",
+        help="replace e-mail addresses, phone/card numbers, IBANs, IP addresses and secrets in generated text "
+        "(streamed too) with placeholders, for every variant that does not set its own redact_output_pii",
+    )
     parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--access-log", action="store_true", help="uvicorn's per-request access log")
@@ -190,6 +196,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_batch_size=args.max_batch_size,
         max_batch_delay_ms=args.max_batch_delay_ms,
         max_decode_batch_size=args.max_decode_batch_size,
+        redact_output_pii=args.redact_output_pii,
         shadow_max_pending=args.shadow_max_pending,
         torch_threads=args.torch_threads,
     ).with_env_defaults()

@@ -113,6 +113,12 @@ class Telemetry:
         self.ready = Gauge(
             "llmops_variant_ready", "1 when the variant's model is loaded", ["variant"], registry=self.registry
         )
+        self.output_pii_redactions = Counter(
+            "llmops_output_pii_redactions",
+            "Personal data replaced in generated text (the redact_output_pii option), by type",
+            ["variant", "type"],
+            registry=self.registry,
+        )
         self.shadow_dropped = Counter(
             "llmops_shadow_dropped", "Shadow copies dropped because too many were in flight", registry=self.registry
         )

@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,7 @@ class Variant:
     )
     classifier: Batcher[list[str], list[Classification]] | None = None
     download: Path | None = None  # its model-cache entry, deleted when no variant uses it any more
+    redact_output: Callable[[Mapping[str, int]], None] | None = None  # set: redact its output, count here
 
     @property
     def name(self) -> str:
@@ -170,6 +171,14 @@ class VariantRegistry:
 
     def _register(self, spec: VariantSpec) -> Variant:
         variant = Variant(spec)
+        if self.redacts_output(spec):
+            counter = self.telemetry.output_pii_redactions
+
+            def count(counts: Mapping[str, int], name: str = spec.name) -> None:
+                for kind, n in counts.items():
+                    counter.labels(name, kind).inc(n)
+
+            variant.redact_output = count
         self.variants[spec.name] = variant
         self.telemetry.ready.labels(spec.name).set(0)
         self._publish_weights()
@@ -387,6 +396,10 @@ class VariantRegistry:
         for variant in self.variants.values():
             self.telemetry.weight.labels(variant.name).set(self.traffic_percent(variant.spec))
 
+    def redacts_output(self, spec: VariantSpec) -> bool:
+        """The variant's own ``redact_output_pii``, else the server's."""
+        return spec.redact_output_pii if spec.redact_output_pii is not None else self.config.redact_output_pii
+
     def info(self, variant: Variant) -> VariantInfo:
         spec = variant.spec
         return VariantInfo(
@@ -401,6 +414,7 @@ class VariantRegistry:
             error=variant.error,
             fault=spec.fault,
             loaded_at=variant.loaded_at,
+            redact_output_pii=variant.redact_output is not None,
         )
 
     def save_state(self) -> None:

@@ -92,11 +92,12 @@ def model_folder(value: str | Path) -> Path:
 
 def detect_task(config: Any) -> Task:
     """``classification`` for ``*ForSequenceClassification``, ``causal_lm`` for ``*ForCausalLM``/``*LMHeadModel``."""
+    from airflow_llmops.ml.predict import model_kind
+
     architectures = list(getattr(config, "architectures", None) or [])
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return "classification"
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        return "causal_lm"
+    kind = model_kind(config)  # the one rule (causal LM first; see airflow_llmops.ml.predict)
+    if kind is not None:
+        return kind
     raise QuantizationInputError(
         f"model architectures {architectures} are neither a sequence classifier nor a causal LM; quantization "
         "supports *ForSequenceClassification and *ForCausalLM models"

@@ -6,7 +6,6 @@ truncation at ``max_length``), so latencies compare the models, not the preproce
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from airflow_llmops.ml import predict as P
 from airflow_llmops.ml.quantization.artifact import (
     DEFAULT_MAX_LENGTH,
     METADATA_FILE,
@@ -48,14 +48,12 @@ class Predictor(ABC):
         self.path = path
         self.size_bytes = size_bytes
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        # Positions past the model's table fail inside the forward pass (tiny-gpt2 has max_seq_length positions).
-        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        self.max_length = min(max_length, positions) if isinstance(positions, int) and positions > 0 else max_length
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
-        self.labels: list[str] = [id2label[i] for i in sorted(id2label)] if task == "classification" else []
+        # Positions past the model's table fail inside the forward pass (tiny-gpt2 has max_seq_length positions).
+        self.max_length = P.input_limit(config, self.tokenizer, max_length)
+        self.labels: list[str] = P.class_labels(config) if task == "classification" else []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(method={self.method!r}, path={str(self.path)!r})"
@@ -77,10 +75,20 @@ class Predictor(ABC):
             raise UnsupportedTaskError(f"predict() returns labels of a classifier; this model is a {self.task}")
         if not texts:
             return []
-        return [self.labels[int(i)] for i in self.logits(texts).argmax(axis=-1)]
+        return [r.label for r in self.classify(texts)]
+
+    def classify(self, texts: Sequence[str]) -> list[P.LabelScores]:
+        """Label, probability and every label's probability per text (classification only; softmax of
+        :meth:`logits`)."""
+        if self.task != "classification":
+            raise UnsupportedTaskError(f"classify() needs a classifier; this model is a {self.task}")
+        if not texts:
+            return []
+        return P.label_scores(self.logits(texts), self.labels)
 
     def perplexity(self, texts: Sequence[str], batch_size: int = 16) -> float:
-        """Token-level perplexity of ``texts`` (causal LM only, torch predictors)."""
+        """Token-level perplexity of ``texts`` (causal LM only, torch predictors; see
+        :func:`airflow_llmops.ml.predict.perplexity`: ``inf`` where it overflows)."""
         raise UnsupportedTaskError(f"perplexity is measured for torch causal LMs, not {type(self).__name__}")
 
 
@@ -103,20 +111,12 @@ class TorchPredictor(Predictor):
     def perplexity(self, texts: Sequence[str], batch_size: int = 16) -> float:
         if self.task != "causal_lm":
             raise UnsupportedTaskError(f"perplexity is measured for causal LMs; this model is a {self.task}")
-        total_nll, total_tokens = 0.0, 0
-        for start in range(0, len(texts), batch_size):
-            batch = self.encode(texts[start : start + batch_size]).to(self.device)
-            with torch.inference_mode():
-                logits = self.model(**batch).logits.float()
-            # Next-token loss over real (unpadded) positions only.
-            targets = batch["input_ids"][:, 1:]
-            mask = batch["attention_mask"][:, 1:].bool()
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
-            total_nll += float(nll[mask].sum())
-            total_tokens += int(mask.sum())
+        total_nll, total_tokens = P.text_nll(
+            self.model, self.tokenizer, texts, max_length=self.max_length, batch_size=batch_size
+        )
         if total_tokens == 0:
             raise QuantizationInputError("perplexity needs texts of at least 2 tokens; every text was shorter")
-        return math.exp(total_nll / total_tokens)
+        return P.perplexity(total_nll / total_tokens)
 
 
 class OnnxPredictor(Predictor):
@@ -166,6 +166,12 @@ def load_quantized(
         "size_bytes": artifact.size_bytes,
         "max_length": max_length,
     }
+    # --- ONNX causal LMs (KV-cache graph, airflow_llmops.ml.quantization.causal) ---
+    if artifact.method in ONNX_METHODS and artifact.task == "causal_lm":
+        from airflow_llmops.ml.quantization.causal import OnnxCausalPredictor
+
+        return OnnxCausalPredictor(threads=threads or torch.get_num_threads(), options=artifact.options, **common)
+    # --- end ONNX causal LMs ---
     if artifact.method in ONNX_METHODS:
         names = list(artifact.options.get("input_names", ["input_ids", "attention_mask"]))
         return OnnxPredictor(threads=threads or torch.get_num_threads(), input_names=names, **common)
