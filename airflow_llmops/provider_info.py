@@ -31,6 +31,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_llmops.operators.training",
                     "airflow_llmops.operators.tuning",
                     "airflow_llmops.operators.quantization",
+                    "airflow_llmops.operators.export",
                     "airflow_llmops.operators.evaluation",
                     "airflow_llmops.operators.registry",
                     "airflow_llmops.operators.deploy",

@@ -15,10 +15,14 @@ from airflow_llmops.operators.training import TrainModelOperator
 from airflow_llmops.operators.tuning import TuneHyperparametersOperator
 
 if TYPE_CHECKING:
+    from airflow_llmops.operators.export import ExportModelOperator
     from airflow_llmops.operators.latest_only import LatestOnlyGateOperator
 
-# Imported on first use (it builds on the standard provider's LatestOnlyOperator).
-_LAZY = {"LatestOnlyGateOperator": "airflow_llmops.operators.latest_only"}
+# Imported on first use (LatestOnlyGateOperator builds on the standard provider's LatestOnlyOperator).
+_LAZY = {
+    "ExportModelOperator": "airflow_llmops.operators.export",
+    "LatestOnlyGateOperator": "airflow_llmops.operators.latest_only",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -34,6 +38,7 @@ __all__ = [
     "DriftCheckOperator",
     "EndpointMetricsOperator",
     "EvaluateModelOperator",
+    "ExportModelOperator",
     "LLMOpsBaseOperator",
     "LatestOnlyGateOperator",
     "PlanRunOperator",

@@ -313,7 +313,7 @@ def test_causal_lm_quality_is_perplexity(tmp_path_factory: pytest.TempPathFactor
     model = _train(tmp_path_factory.mktemp("lm"), spec)
     out = tmp_path_factory.mktemp("lm-quant")
     with pytest.raises(UnsupportedTaskError, match="classification models only"):
-        quantize_model(model, "onnx_dynamic_int8", out / "onnx")
+        quantize_model(model, "onnx_static_int8", out / "onnx", calibration_texts=["hello there"])
     quant = QuantizationSpec(
         methods=["torch_dynamic_int8"], latency_repeats=2, max_eval_rows=20, batch_sizes=[2], threads=1
     )

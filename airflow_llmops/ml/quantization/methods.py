@@ -4,7 +4,9 @@ Torch methods save ``model.pt``, the quantized ``state_dict``, and are rebuilt o
 quantization on a model made from ``config.json`` and then loading that state. This avoids pickling whole modules
 (``torch.save(model)`` ties the file to import paths and breaks across transformers releases) and lets
 ``torch.load(weights_only=True)`` read the file: quantized tensors and torchao's tensor subclasses are allow-listed.
-The ONNX method saves ``model.onnx``, which needs no Python model code at all to load.
+The ONNX methods save ``model.onnx``, which needs no Python model code at all to load (for a causal LM a graph
+with the KV cache as inputs and outputs, see :mod:`.causal`). A GPT-2's ``Conv1D`` projections become
+``nn.Linear`` before any method (``options.conv1d_to_linear``, replayed on load), so that int8 reaches them.
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def quantize_model(
     :raises QuantizationInputError: the model folder or ``out_dir`` is unusable, the method is unknown, a layer
         group does not exist, or static int8 got no calibration texts.
     :raises QuantizationUnavailable: the method cannot run on this machine (e.g. int4 without CUDA).
-    :raises UnsupportedTaskError: the method does not support the model's task (ONNX export of a causal LM).
+    :raises UnsupportedTaskError: the method does not support the model (static ONNX int8 of a causal LM, ONNX
+        export of a causal LM other than GPT-2).
     """
     with prepare(
         model_dir,
@@ -161,11 +164,15 @@ def prepare(
         )
     config = AutoConfig.from_pretrained(str(source), local_files_only=True)
     task = detect_task(config)
-    if method in ONNX_METHODS and task != "classification":
+    if method == "onnx_static_int8" and task != "classification":
         raise UnsupportedTaskError(
-            f"method {method!r} supports classification models only, not {task}; use one of "
-            f"{[m for m in available_methods() if m not in ONNX_METHODS]} for a causal LM"
+            f"method {method!r} supports classification models only, not {task} (its calibration has no KV cache "
+            f"inputs); use onnx_dynamic_int8 or torch_dynamic_int8 for a causal LM"
         )
+    if method in ONNX_METHODS and task == "causal_lm":
+        from airflow_llmops.ml.quantization.causal import check_architecture
+
+        check_architecture(config)
     if method == "onnx_static_int8" and not calibration_texts:
         raise QuantizationInputError(
             "method 'onnx_static_int8' calibrates activation ranges on sample texts: pass calibration_texts (compare() "
@@ -238,11 +245,24 @@ class Quantizer:
         self.options: dict[str, Any] = {"quantize_embeddings": quantize_embeddings}
         self._started = started
         self.groups: dict[str, list[str]]
+        if task == "causal_lm":
+            # GPT-2's projections are transformers' Conv1D, which neither torch.ao nor torchao quantize (and which
+            # export as Gemm, which ONNX Runtime's dynamic int8 skips): the same numbers as nn.Linear first.
+            from airflow_llmops.ml.quantization.causal import conv1d_to_linear
+
+            converted = conv1d_to_linear(model)
+            if converted:
+                self.options["conv1d_to_linear"] = converted
         if method in ONNX_METHODS:
             from airflow_llmops.ml.quantization import onnx as ox
 
             exported = work / "model.fp32.onnx"
-            self.options.update(ox.export_fp32(model, tokenizer, exported))
+            if task == "causal_lm":
+                from airflow_llmops.ml.quantization.causal import export_causal_onnx
+
+                self.options.update(export_causal_onnx(model, exported))
+            else:
+                self.options.update(ox.export_fp32(model, tokenizer, exported))
             self._ops = ["MatMul", "Gemm", *(["Gather"] if quantize_embeddings else [])]
             self.options["quantized_ops"] = self._ops
             if method == "onnx_static_int8":
@@ -460,6 +480,10 @@ def load_torch_artifact(artifact: QuantizedArtifact) -> torch.nn.Module:
     path = Path(artifact.path)
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     model = auto_class(artifact.task).from_config(config, dtype=torch.float32).eval()
+    if artifact.options.get("conv1d_to_linear"):  # replayed as quantize_model did it (GPT-2's Conv1D -> Linear)
+        from airflow_llmops.ml.quantization.causal import conv1d_to_linear
+
+        conv1d_to_linear(model)
     embeddings = bool(artifact.options.get("quantize_embeddings", True))
     fp32_modules = [str(m) for m in artifact.options.get("fp32_modules", [])]
     model = apply_torch_method(model, artifact.method, quantize_embeddings=embeddings, fp32_modules=fp32_modules)

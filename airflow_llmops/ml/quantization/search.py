@@ -299,6 +299,10 @@ def _trial_predictor(quantizer: Quantizer, applied: Any, threads: int, max_lengt
         "size_bytes": 0,
         "max_length": max_length,
     }
+    if quantizer.method in ONNX_METHODS and quantizer.task == "causal_lm":
+        from airflow_llmops.ml.quantization.causal import OnnxCausalPredictor
+
+        return OnnxCausalPredictor(threads=threads, options=quantizer.options, **common)
     if quantizer.method in ONNX_METHODS:
         return OnnxPredictor(threads=threads, input_names=list(quantizer.options["input_names"]), **common)
     return TorchPredictor(applied, **common)
