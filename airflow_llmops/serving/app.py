@@ -231,6 +231,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             import torch
 
             torch.set_num_threads(config.torch_threads)
+        if config.backend == "vllm":  # causal-LM folders load through vLLM (refused here without CUDA/vllm)
+            from airflow_llmops.serving.vllm_backend import install
+
+            install()
         telemetry = Telemetry(retention_s=config.metrics_retention_s)
         writer, temporary = _open_request_log(config, telemetry)
         registry = VariantRegistry(config, telemetry)

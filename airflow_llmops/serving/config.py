@@ -7,6 +7,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from typing_extensions import Self
@@ -145,6 +146,11 @@ class ServerConfig(_Model):
         ge=1,
         le=1024,
         description="sequences a causal LM variant decodes together (continuous batching); more wait to join",
+    )
+    backend: Literal["hf", "vllm"] = Field(
+        default="hf",
+        description="how causal-LM variants generate: hf (the built-in continuous batching on torch) or vllm "
+        "(vLLM's engine; a CUDA machine with vllm installed)",
     )
     metrics_retention_s: float = Field(default=3600.0, gt=0)
     redact_output_pii: bool = Field(

@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequences a causal LM variant decodes together; requests beyond it wait to join the batch "
         f"(default {defaults.max_decode_batch_size})",
     )
+    parser.add_argument(
+        "--backend",
+        choices=["hf", "vllm"],
+        default=defaults.backend,
+        help="how causal-LM variants generate: hf, the built-in continuous batching (default), or vllm, vLLM's "
+        "engine (a CUDA machine with the vllm package; quantized artifacts and classifiers keep their loaders)",
+    )
     parser.add_argument("--shadow-max-pending", type=int, default=defaults.shadow_max_pending)
     parser.add_argument(
         "--redact-output-pii",
@@ -196,6 +203,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_batch_size=args.max_batch_size,
         max_batch_delay_ms=args.max_batch_delay_ms,
         max_decode_batch_size=args.max_decode_batch_size,
+        backend=args.backend,
         redact_output_pii=args.redact_output_pii,
         shadow_max_pending=args.shadow_max_pending,
         torch_threads=args.torch_threads,
@@ -216,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
             "no variants: give --model NAME=SOURCE, a --state-file that exists, or --admin-token to add "
             "variants later through the admin API"
         )
+    if config.backend == "vllm":
+        from airflow_llmops.serving.vllm_backend import vllm_unavailable
+
+        reason = vllm_unavailable()
+        if reason is not None:
+            parser.error(f"--backend vllm: {reason}; use --backend hf (the built-in continuous batching)")
     if config.enable_fault_injection:
         log.warning("failure injection is enabled: a test feature; never run a production server like this")
     if args.supervise:
