@@ -351,9 +351,9 @@ def chat_params() -> dict[str, Param]:
             items={"type": "string"},
             description="methods to try: torch_dynamic_int8 (GPT-2's Conv1D projections converted to Linear, so int8 "
             "reaches them) or onnx_dynamic_int8 (GPT-2 only: an ONNX Runtime graph with the KV cache as inputs and "
-            "outputs; the local model server generates with torch artifacts only, so keep torch_dynamic_int8 when "
-            "the chosen artifact is served here); onnx_static_int8 does not take causal LMs; the fastest within "
-            "max_quality_drop is kept",
+            "outputs, much faster on CPU; evaluated and served like a torch artifact, with streaming, sampling and "
+            "continuous batching); onnx_static_int8 does not take causal LMs; the fastest within max_quality_drop is "
+            "kept",
         ),
         "max_quality_drop": Param(
             10.0, type="number", minimum=0, description="percent perplexity increase quantization may cost"

@@ -132,7 +132,9 @@ def _quantized_details(
     if predictor.task == "causal_lm":
         task = "chat" if "messages" in frame.columns else "causal_lm"
         model = getattr(predictor, "model", None)
-        if model is not None and hasattr(model, "generate"):  # torch and torchao artifacts: the full LM check
+        # torch and torchao artifacts, and ONNX ones through their torch-style facade (OnnxCausalLM): the full LM
+        # check, labelled, prompted and stopped as for the full-precision model.
+        if model is not None and hasattr(model, "generate"):
             return {
                 "task": task,
                 **causal_lm_details(model, predictor.tokenizer, frame, task, max_length, **generation),

@@ -45,17 +45,21 @@ class TextModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
             self._model.eval()
             self._kind = "classification"
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    # ``model_input`` has no type hint on purpose: MLflow reads the hint for schema validation and warns on one that
+    # is not ``list[...]``, while this model takes a string, a list of strings or a DataFrame.
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> list[str]:  # type: ignore[no-untyped-def]
         """Labels, or greedy continuations (``max_new_tokens`` in ``params``, default 32) that end at the model's
         stop tokens (:func:`airflow_llmops.ml.predict.stop_token_ids`), as the model server's do."""
         from airflow_llmops.ml import predict as P
 
         texts = _texts(model_input)
+        new_tokens = int((params or {}).get("max_new_tokens", 32))
         if self._kind == "quantized":
+            if self._predictor.task == "causal_lm":  # a torch int8 module, or the ONNX graph behind its model API
+                return P.generate(self._predictor.model, self._predictor.tokenizer, texts, max_new_tokens=new_tokens)
             return [str(label) for label in self._predictor.predict(texts)]
         if self._kind == "classification":
             return [r.label for r in P.classify(self._model, self._tokenizer, texts, max_length=128)]
-        new_tokens = int((params or {}).get("max_new_tokens", 32))
         return P.generate(self._model, self._tokenizer, texts, max_new_tokens=new_tokens)
 
 

@@ -1,7 +1,8 @@
 """Served models behind one small interface, and the loader registry that picks a loader from a folder's contents.
 
 Built in: Hugging Face sequence classifiers and causal LMs (``save_pretrained`` folders), quantized artifacts
-(``quantization.json``, through :mod:`airflow_llmops.ml.quantization` when it can load them) and ``echo://``, a
+(``quantization.json``, through :mod:`airflow_llmops.ml.quantization` when it can load them; an ONNX causal LM
+through :mod:`airflow_llmops.serving.onnx_generation`) and ``echo://``, a
 trivial model for tests and for measuring the router's own overhead. Add a format with :func:`register_loader`.
 """
 
@@ -87,6 +88,31 @@ class _NoGenerate:
         self, prompt: str, params: GenerationParams, *, on_text: TextCallback | None, cancelled: threading.Event
     ) -> Generation:
         raise BadRequest(f"this variant's model is a {getattr(self, 'kind', '?')}; it cannot generate")
+
+
+def encode_prompt(tokenizer: Any, prompt: str, *, context: int, start_id: int | None, max_tokens: int) -> list[int]:
+    """A generation prompt's token ids (no special tokens added: the chat template wrote its own); an empty prompt
+    starts from ``start_id``; a prompt that leaves no room in the ``context`` is a bad request."""
+    ids = [int(i) for i in tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    if not ids:
+        if start_id is None:
+            raise BadRequest("the prompt is empty and this model has no BOS/EOS token to start from")
+        ids = [start_id]
+    if len(ids) >= context:
+        raise BadRequest(
+            f"the prompt is {len(ids)} tokens; this model's context is {context} tokens "
+            f"(prompt + max_tokens={max_tokens} must fit); shorten the prompt"
+        )
+    return ids
+
+
+def render_chat_prompt(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> str:
+    """The conversation through the tokenizer's chat template with the assistant's turn opened, or
+    :func:`plain_chat_prompt` for a tokenizer without one."""
+    if getattr(tokenizer, "chat_template", None):
+        conversation = [{"role": role, "content": content} for role, content in messages]
+        return str(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
+    return plain_chat_prompt(messages)
 
 
 def plain_chat_prompt(messages: Sequence[tuple[str, str]]) -> str:
@@ -199,24 +225,12 @@ class HFCausalLM(_NoClassify):
         )
 
     def chat_prompt(self, messages: Sequence[tuple[str, str]]) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            conversation = [{"role": role, "content": content} for role, content in messages]
-            rendered = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-            return str(rendered)
-        return plain_chat_prompt(messages)
+        return render_chat_prompt(self.tokenizer, messages)
 
     def _encode(self, prompt: str, max_tokens: int) -> list[int]:
-        ids = [int(i) for i in self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
-        if not ids:
-            if self.start_id is None:
-                raise BadRequest("the prompt is empty and this model has no BOS/EOS token to start from")
-            ids = [self.start_id]
-        if len(ids) >= self.context:
-            raise BadRequest(
-                f"the prompt is {len(ids)} tokens; this model's context is {self.context} tokens "
-                f"(prompt + max_tokens={max_tokens} must fit); shorten the prompt"
-            )
-        return ids
+        return encode_prompt(
+            self.tokenizer, prompt, context=self.context, start_id=self.start_id, max_tokens=max_tokens
+        )
 
     def _pick(self, logits: Any, params: GenerationParams, generator: Any) -> int:
         from airflow_llmops.ml.predict import pick_token
@@ -321,14 +335,19 @@ def _load_quantized(folder: ModelFolder) -> ServedModel:
     try:
         if task == "classification":
             return QuantizedClassifier(folder)
-        if task == "causal_lm":  # a quantized torch module: generated from like the full-precision one
+        if task == "causal_lm":
+            from airflow_llmops.ml.quantization.causal import OnnxCausalPredictor
             from airflow_llmops.ml.quantization.predictors import TorchPredictor, load_predictor
 
             predictor = load_predictor(folder.path)
-            if isinstance(predictor, TorchPredictor):
+            if isinstance(predictor, TorchPredictor):  # a quantized torch module: served like the full-precision one
                 return HFCausalLM(None, loaded=(predictor.model, predictor.tokenizer))
+            if isinstance(predictor, OnnxCausalPredictor):  # the KV-cache graph, in the same decode loop
+                from airflow_llmops.serving.onnx_generation import OnnxServedCausalLM
+
+                return OnnxServedCausalLM(predictor)
             raise ModelLoadError(
-                f"{folder.path}: a {predictor.method} causal LM cannot generate here (only torch artifacts can)"
+                f"{folder.path}: a {predictor.method} causal LM cannot generate here (torch and ONNX artifacts can)"
             )
     except ModelLoadError:
         raise

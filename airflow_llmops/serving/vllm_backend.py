@@ -41,8 +41,9 @@ from airflow_llmops.serving.models import (
     Loader,
     Task,
     TextCallback,
-    plain_chat_prompt,
+    encode_prompt,
     register_loader,
+    render_chat_prompt,
 )
 from airflow_llmops.serving.sources import ModelFolder
 
@@ -149,10 +150,7 @@ class VllmCausalLM:
         raise BadRequest("this variant's model is a causal_lm; it cannot classify")
 
     def chat_prompt(self, messages: Sequence[tuple[str, str]]) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            conversation = [{"role": role, "content": content} for role, content in messages]
-            return str(self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True))
-        return plain_chat_prompt(messages)
+        return render_chat_prompt(self.tokenizer, messages)
 
     def generate(
         self, prompt: str, params: GenerationParams, *, on_text: TextCallback | None, cancelled: threading.Event
@@ -163,16 +161,9 @@ class VllmCausalLM:
         self, prompt: str, params: GenerationParams, *, on_text: TextCallback | None, cancelled: threading.Event
     ) -> concurrent.futures.Future[Generation]:
         """Queue the request in vLLM's engine; a bad prompt raises here. ``on_text`` runs on the engine's loop."""
-        ids = [int(i) for i in self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
-        if not ids:
-            if self.start_id is None:
-                raise BadRequest("the prompt is empty and this model has no BOS/EOS token to start from")
-            ids = [self.start_id]
-        if len(ids) >= self.context:
-            raise BadRequest(
-                f"the prompt is {len(ids)} tokens; this model's context is {self.context} tokens "
-                f"(prompt + max_tokens={params.max_tokens} must fit); shorten the prompt"
-            )
+        ids = encode_prompt(
+            self.tokenizer, prompt, context=self.context, start_id=self.start_id, max_tokens=params.max_tokens
+        )
         budget = min(params.max_tokens, self.context - len(ids))
         if budget <= 0 or cancelled.is_set():
             done: concurrent.futures.Future[Generation] = concurrent.futures.Future()

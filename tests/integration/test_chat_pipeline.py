@@ -93,6 +93,56 @@ def test_chat_pipeline_runs_end_to_end_and_serves_the_openai_chat_api(
         endpoints.stop_endpoint("chatterbot-chat")
 
 
+def test_chat_pipeline_serves_an_onnx_int8_chat_model(
+    airflow_db: Path, own_mlflow: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``onnx_dynamic_int8``, offered by the chat DAG, is chosen, evaluated with the generation metrics and served:
+    the openai client gets the same greedy reply whole and streamed."""
+    openai = require_module("openai")
+    from dags_under_test import load_dag
+
+    from airflow_llmops.platforms import get_platform
+
+    monkeypatch.setenv("AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI", own_mlflow.url)
+    dag = load_dag("llmops_chat")
+    conf = {
+        "dataset_source": f"chatterbot://english?topics={TOPICS}",
+        "max_steps": 8,
+        "generation_rows": 4,
+        "max_new_tokens": 8,
+        "bake_seconds": 0,
+        "canary_steps": [100],
+        "quantization_methods": ["onnx_dynamic_int8"],
+        "max_quality_drop": 1000.0,  # the wiring; quality gates have their own tests
+    }
+    run = dag.test(run_conf=conf)
+    states = {t.task_id: t.state for t in run.get_task_instances()}
+    assert run.state == "success", states
+    quantized = run.get_task_instance("quantize").xcom_pull(task_ids="quantize")
+    assert quantized["chosen_method"] == "onnx_dynamic_int8", quantized
+    evaluated = run.get_task_instance("evaluate").xcom_pull(task_ids="evaluate")
+    assert evaluated["passed"] and evaluated["model_uri"] == quantized["chosen_model_uri"], evaluated
+    challenger = evaluated["challenger"]
+    assert challenger["perplexity"] > 1 and {"rouge_l", "bleu", "chrf"} <= set(challenger), evaluated
+    deployed = run.get_task_instance("deploy").xcom_pull(task_ids="deploy")
+    rolled = run.get_task_instance("rollout").xcom_pull(task_ids="rollout")
+    assert rolled["state"] == "succeeded", rolled
+
+    endpoints = get_platform("local", endpoints_root=deployed["platform_kwargs"]["endpoints_root"])
+    try:
+        client = openai.OpenAI(base_url=f"{deployed['url']}/v1", api_key="unused", timeout=60, max_retries=0)
+        messages = [{"role": "user", "content": "Hello, how are you?"}]
+        sampling: dict[str, Any] = {"max_tokens": 8, "temperature": 0.8, "seed": 7}
+        reply = client.chat.completions.create(model=deployed["variant"], messages=messages, **sampling)
+        text = reply.choices[0].message.content
+        assert reply.model == deployed["variant"] and text, reply
+        stream = client.chat.completions.create(model=deployed["variant"], messages=messages, stream=True, **sampling)
+        chunks = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+        assert "".join(chunks) == text, (chunks, text)
+    finally:
+        endpoints.stop_endpoint("chatterbot-chat")
+
+
 def test_quantization_measures_conversations_as_chat_training_renders_them(tmp_path: Path) -> None:
     """A chat dataset has a ``messages`` column, no prompt/response: quantization measures perplexity on each
     well-formed conversation rendered by the model's chat template (malformed ones are left out)."""

@@ -322,5 +322,6 @@ def test_causal_lm_quality_is_perplexity(tmp_path_factory: pytest.TempPathFactor
     assert fp32.quality["perplexity"] > 1 and int8.quality["perplexity"] > 1
     assert int8.quality_drop == pytest.approx((int8.quality["perplexity"] / fp32.quality["perplexity"] - 1) * 100)
     assert result.decision.metric == "perplexity" and "perplexity" in format_table(result.rows)
+    assert int8.artifact is not None
     with pytest.raises(UnsupportedTaskError):
         load_quantized(int8.artifact).predict(["hello"])

@@ -23,7 +23,8 @@ import io
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,9 @@ class OnnxCausalPredictor(Predictor):
         self.session = session(self.path / onnx_file, threads)
         eos = self.tokenizer.eos_token_id
         self.eos_id: int | None = int(eos) if isinstance(eos, int) else None
+        #: The graph as a torch-style causal LM (forward with a ``DynamicCache``, greedy ``generate``): what the
+        #: evaluation's perplexity and answers and the server's decode loop run on, as they run a torch model.
+        self.model = OnnxCausalLM(self)
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, past: Sequence[np.ndarray]) -> tuple[np.ndarray, list[Any]]:
         feed: dict[str, np.ndarray] = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
@@ -247,6 +251,146 @@ class OnnxCausalPredictor(Predictor):
                 break
             ids = np.asarray([[token]], dtype=np.int64)
         return generated
+
+
+@dataclass
+class CausalOutput:
+    """What :meth:`OnnxCausalLM.forward` returns: the fields of a transformers ``CausalLMOutputWithPast`` that the
+    evaluation and the server read."""
+
+    logits: torch.Tensor
+    past_key_values: Any
+
+
+class OnnxCausalLM:
+    """An :class:`OnnxCausalPredictor`'s graph behind the part of a transformers causal LM's interface that
+    :mod:`airflow_llmops.ml.predict`, :mod:`airflow_llmops.ml.evaluation` and the server's
+    :class:`~airflow_llmops.serving.generation.DecodeEngine` use, so an ONNX artifact is scored and served by the
+    same code as a torch model (same labelling, prompts, stop rule, sampling):
+
+    * ``forward(input_ids, attention_mask, position_ids, past_key_values)`` (torch tensors in and out); the cache is
+      a plain transformers ``DynamicCache`` holding the graph's ``present`` tensors, so the decode loop can cut and
+      merge it (continuous batching). Positions come from the attention mask inside the graph (left padding gets
+      position 0), which is what the decode loop's ``position_ids`` say too; they are checked, not fed.
+    * ``generate(input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, do_sample, temperature,
+      top_p)``: left-padded batches, greedy (or sampled with :func:`airflow_llmops.ml.predict.pick_token` from
+      torch's global generator), rows stop at any of ``eos_token_id`` and are padded after it.
+    * ``config``, ``generation_config`` (when the folder has one), ``parameters()`` (none: the weights live in
+      the graph), ``eval()``.
+    """
+
+    def __init__(self, predictor: OnnxCausalPredictor) -> None:
+        from transformers import AutoConfig
+
+        self.predictor = predictor
+        self.config = AutoConfig.from_pretrained(str(predictor.path), local_files_only=True)
+        self.generation_config: Any = None
+        if (predictor.path / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            self.generation_config = GenerationConfig.from_pretrained(str(predictor.path), local_files_only=True)
+
+    def __repr__(self) -> str:
+        return f"OnnxCausalLM(method={self.predictor.method!r}, path={str(self.predictor.path)!r})"
+
+    def eval(self) -> OnnxCausalLM:
+        return self
+
+    def parameters(self) -> Iterator[torch.Tensor]:
+        return iter(())
+
+    def __call__(self, **kwargs: Any) -> CausalOutput:
+        return self.forward(**kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = True,
+    ) -> CausalOutput:
+        """One pass of the graph: logits ``[batch, sequence, vocab]`` and the cache extended by ``sequence``."""
+        from transformers.cache_utils import DynamicCache
+
+        ids = input_ids.detach().cpu().numpy().astype(np.int64)
+        past_length = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
+        if attention_mask is None:
+            mask = np.ones((ids.shape[0], past_length + ids.shape[1]), dtype=np.int64)
+        else:
+            mask = attention_mask.detach().cpu().numpy().astype(np.int64)
+        if mask.shape != (ids.shape[0], past_length + ids.shape[1]):
+            raise QuantizationInputError(
+                f"attention_mask {mask.shape} must cover the cache and the new tokens "
+                f"({ids.shape[0]}, {past_length} + {ids.shape[1]})"
+            )
+        if position_ids is not None:
+            implied = (np.cumsum(mask, axis=-1) - 1).clip(min=0)[:, -ids.shape[1] :]
+            given = position_ids.detach().cpu().numpy()
+            real = mask[:, -ids.shape[1] :] == 1  # padding's positions do not matter
+            if given.shape != implied.shape or not np.array_equal(given[real], implied[real]):
+                raise QuantizationInputError(
+                    "the ONNX graph derives positions from the attention mask; position_ids that differ from "
+                    "cumsum(mask) - 1 cannot be honoured"
+                )
+        if past_length:
+            past = [
+                np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=np.float32)
+                for layer in past_key_values.layers
+                for tensor in (layer.keys, layer.values)
+            ]
+        else:
+            past = self.predictor._empty_cache(ids.shape[0])
+        logits, present = self.predictor._run(ids, mask, past)
+        cache = DynamicCache(
+            ddp_cache_data=[
+                (torch.from_numpy(present[i]), torch.from_numpy(present[i + 1])) for i in range(0, len(present), 2)
+            ]
+        )
+        return CausalOutput(torch.from_numpy(logits), cache)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        pad_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        **unused: Any,
+    ) -> torch.Tensor:
+        """The prompts followed by their new tokens (``[batch, prompt + new]``; a row that stopped is padded with
+        ``pad_token_id``), as ``transformers``' ``generate`` returns them."""
+        from airflow_llmops.ml.predict import GREEDY_BELOW, pick_token
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        pad = int(pad_token_id) if pad_token_id is not None else (min(stops) if stops else 0)
+        sample = do_sample and temperature >= GREEDY_BELOW
+        ids, mask = input_ids.long(), attention_mask.long()
+        out: list[torch.Tensor] = [ids]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        cache: Any = None
+        step = ids
+        for _ in range(max(0, max_new_tokens)):
+            result = self.forward(step, mask, past_key_values=cache)
+            cache, logits = result.past_key_values, result.logits[:, -1, :]
+            if sample:
+                tokens = torch.tensor([pick_token(row, temperature, top_p) for row in logits])
+            else:
+                tokens = logits.argmax(dim=-1)
+            tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
+            out.append(tokens[:, None])
+            done |= torch.tensor([int(t) in stops for t in tokens.tolist()])
+            if bool(done.all()):
+                break
+            step = tokens[:, None]
+            mask = torch.cat([mask, torch.ones_like(step)], dim=1)
+        return torch.cat(out, dim=1)
 
 
 def torch_greedy(
