@@ -50,6 +50,12 @@ class RolloutOperator(BaseOperator):
     removes the new variant (``auto_rollback=False`` in the plan: left in place, and said so in the log and the
     endpoint's record).
 
+    A rollout can be paused (from the LLMOps page, or :func:`~airflow_llmops.platforms.rollout.pause_rollout`): the
+    request is written to the endpoint's rollout record, which the walk reads at every poll. While paused the
+    current step holds: its traffic stays, it neither passes nor times out, nothing is promoted, but it is still
+    judged, so a breach still rolls back. Resuming restarts the held step's bake (judged on the numbers after the
+    resume). A pause longer than ``max_pause_s`` ends in a rollback with that reason.
+
     A retry (or another worker after this one was killed) re-attaches to the rollout recorded on the endpoint: it
     continues from the current step, and never starts a second walk. A rollout that was rolled back stays rolled
     back: deploy again to try again.
@@ -60,6 +66,7 @@ class RolloutOperator(BaseOperator):
     :param timeout: seconds the whole rollout may take from its first step (None: no limit beyond the steps').
     :param deferrable: wait for each bake in the triggerer (frees the worker slot).
     :param max_read_errors: failed metric reads in a row that end a step as an error.
+    :param max_pause_s: how long a pause may hold the rollout before it is rolled back (default 24 h).
     """
 
     template_fields: Sequence[str] = ("rollout",)
@@ -74,6 +81,7 @@ class RolloutOperator(BaseOperator):
         timeout: float | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         max_read_errors: int = 3,
+        max_pause_s: float = 24 * 3600.0,
         mlflow_tracking_uri: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -84,6 +92,7 @@ class RolloutOperator(BaseOperator):
         self.timeout = timeout
         self.deferrable = deferrable
         self.max_read_errors = max_read_errors
+        self.max_pause_s = max_pause_s
         self.mlflow_tracking_uri = mlflow_tracking_uri
         self._live: _Walk | None = None
 
@@ -194,7 +203,7 @@ class RolloutOperator(BaseOperator):
         return self._advance(context, walk, record)
 
     def _advance(self, context: Context, walk: _Walk, record: RolloutRecord) -> dict[str, Any]:
-        from airflow_llmops.platforms.rollout import check_step, step_weights
+        from airflow_llmops.platforms.rollout import check_step, save_record, step_weights
 
         rollout, platform, handle, plan = walk
         # A guarded deployment is one step for us: the platform walks the plan's steps and judges them itself.
@@ -211,7 +220,7 @@ class RolloutOperator(BaseOperator):
                 assert isinstance(platform, GuardedDeploymentPlatform)
                 platform.start_guarded_deployment(handle, variant=record.variant, plan=plan)
                 record.step_started_at = time.time()
-                platform.put_rollout_record(handle.endpoint_name, record)
+                save_record(platform, handle.endpoint_name, record)
                 self.log.info(
                     "Guarded deployment of %s started on %s: the platform walks %s %% (bake %gs) and rolls back on its "
                     "alarms; watching it",
@@ -224,16 +233,19 @@ class RolloutOperator(BaseOperator):
                 weights = step_weights(plan, percent, record.variant, record.previous)
                 platform.set_traffic(handle, weights)
                 record.step_started_at = time.time()
-                platform.put_rollout_record(handle.endpoint_name, record)
+                save_record(platform, handle.endpoint_name, record)
                 self.log.info(
                     "Step %d/%d: %s at %g%%; traffic %s", record.step + 1, len(steps), record.variant, percent, weights
                 )
             # Check before waiting: a step already decided (baked, or breached) must not defer, since a trigger
             # that fires at once races the scheduler (apache/airflow#71580).
-            check = check_step(platform, handle, record, plan, max_wait_s=self.max_wait_s)
+            self._read_pause(walk, record)
+            check = check_step(platform, handle, record, plan, max_wait_s=self.max_wait_s, max_pause_s=self.max_pause_s)
             if check.done:
                 self._on_event(walk, record, check.to_event())
                 continue
+            if check.status == "paused":
+                self.log.warning("Rollout of %s %s", record.variant, check.message)
             from airflow_llmops.triggers.rollout import RolloutStepTrigger
 
             trigger = RolloutStepTrigger(
@@ -244,6 +256,7 @@ class RolloutOperator(BaseOperator):
                 poll_interval=self.poll_interval,
                 max_wait_s=self.max_wait_s,
                 max_read_errors=self.max_read_errors,
+                max_pause_s=self.max_pause_s,
             )
             if not self.deferrable:  # the same wait, in the worker
                 self._on_event(walk, record, asyncio.run(trigger.first_event()))
@@ -279,21 +292,43 @@ class RolloutOperator(BaseOperator):
             self._on_event(walk, record, event)
         return self._advance(context, walk, record)
 
+    def _read_pause(self, walk: _Walk, record: RolloutRecord) -> RolloutRecord:
+        """The pause state (and whether the rollout is still ours and in progress) from the endpoint's record."""
+        stored = walk.platform.get_rollout_record(walk.handle.endpoint_name)
+        if stored is None or stored.rollout_id != record.rollout_id or not stored.in_progress:
+            state = "gone" if stored is None else f"{stored.state}: {stored.message}"
+            raise AirflowFailException(f"{self.task_id}: the rollout of {record.variant} ended elsewhere ({state})")
+        record.pause = stored.pause
+        return stored
+
     def _on_event(self, walk: _Walk, record: RolloutRecord, event: dict[str, Any]) -> None:
-        """A passed step moves the record on; anything else ends the rollout (rolled back or left, as planned)."""
+        """A passed step moves the record on (unless a pause arrived meanwhile: the step holds); anything else
+        ends the rollout (rolled back or left, as planned)."""
+        from airflow_llmops.platforms.rollout import active_pause, pause_message, save_record
+
         platform, handle = walk.platform, walk.handle
         status = event.get("status")
+        if status == "ended":  # rolled back (or ended) by someone else: the record says how; nothing to undo
+            self._read_pause(walk, record)  # raises with the record's reason (still ours and in progress: go on)
+            return
+        if status == "passed" and active_pause(self._read_pause(walk, record)):
+            self.log.warning(
+                "Step %d passed, but the rollout is %s: holding it", record.step + 1, pause_message(record.pause or {})
+            )
+            return
         record.steps.append(event)
         if status == "passed":
             record.step += 1
             record.step_started_at = None
-            platform.put_rollout_record(handle.endpoint_name, record)
+            save_record(platform, handle.endpoint_name, record)
             self.log.info("%s", event.get("message"))
             return
         self._fail(walk, record, str(event.get("message") or status))
 
     # -- endings ---------------------------------------------------------------------------------------------
     def _complete(self, context: Context, walk: _Walk, record: RolloutRecord) -> dict[str, Any]:
+        from airflow_llmops.platforms.rollout import save_record
+
         rollout, platform, handle, plan = walk
         keep_new = plan.strategy != "shadow"
         platform.finish(handle, new_variant=record.variant, keep_new=keep_new)
@@ -303,11 +338,13 @@ class RolloutOperator(BaseOperator):
             if keep_new
             else f"{record.variant}: the shadow met the SLO; removed, {sorted(record.previous)} serving as before"
         )
-        platform.put_rollout_record(handle.endpoint_name, record)
+        save_record(platform, handle.endpoint_name, record)
         self.log.info("Rollout succeeded: %s", record.message)
         return self._result(context, rollout, record)
 
     def _fail(self, walk: _Walk, record: RolloutRecord, reason: str) -> NoReturn:
+        from airflow_llmops.platforms.rollout import save_record
+
         platform, handle, plan = walk.platform, walk.handle, walk.plan
         if plan.auto_rollback:
             platform.rollback(handle, failed_variant=record.variant, previous=record.previous)
@@ -319,7 +356,7 @@ class RolloutOperator(BaseOperator):
             record.message = f"{reason}; auto_rollback=False: left in place with traffic {weights}"
             self.log.warning("The plan says auto_rollback=False: the endpoint keeps traffic %s", weights)
         record.step_started_at = None
-        platform.put_rollout_record(handle.endpoint_name, record)
+        save_record(platform, handle.endpoint_name, record)
         self.log.error("Rollout %s: %s", record.state, record.message)
         raise AirflowFailException(f"{self.task_id}: rollout {record.state}: {record.message}")
 

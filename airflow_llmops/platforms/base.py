@@ -190,6 +190,9 @@ class RolloutRecord(_Record):
     ``previous`` is the traffic split before the rollout: rolling back restores exactly it. ``step`` indexes the
     plan's steps; ``step_started_at`` is None until that step's traffic is set. ``state`` is ``in_progress`` or
     one of ``succeeded``, ``rolled_back``, ``failed`` (failed and left in place: ``auto_rollback=False``).
+    ``pause`` is the last pause request (``{"state": "paused" | "resumed", "by", "at", "reason", ...}``), written
+    only by :func:`~airflow_llmops.platforms.rollout.pause_rollout` / ``resume_rollout`` and carried over by the
+    walk's own writes (:func:`~airflow_llmops.platforms.rollout.save_record`).
     """
 
     rollout_id: str
@@ -205,6 +208,7 @@ class RolloutRecord(_Record):
     message: str = ""
     steps: list[dict[str, Any]] = field(default_factory=list)
     attempts: int = 1
+    pause: dict[str, Any] | None = None
 
     @property
     def in_progress(self) -> bool:

@@ -93,10 +93,99 @@ def combined(rows: list[VariantMetrics]) -> VariantMetrics | None:
     )
 
 
+# -- pausing a rollout --------------------------------------------------------------------------------------------
+DEFAULT_MAX_PAUSE_S = 24 * 3600.0
+
+
+class RolloutPauseError(ValueError):
+    """The rollout cannot be paused or resumed in its state (none in progress, already paused, not paused...)."""
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def active_pause(record: RolloutRecord | None) -> dict[str, Any] | None:
+    """The pause holding ``record``'s rollout now (``None``: not paused, or the rollout is over)."""
+    if record is None or not record.in_progress or not record.pause:
+        return None
+    return record.pause if record.pause.get("state") == "paused" else None
+
+
+def pause_message(pause: dict[str, Any]) -> str:
+    return f"paused by {pause.get('by')} at {_iso(float(pause.get('at') or 0))}: {pause.get('reason') or '-'}"
+
+
+def step_start(record: RolloutRecord) -> float:
+    """When the current step's bake began: its traffic was set, or the rollout was resumed after it (a resume
+    restarts the bake of the step it held)."""
+    assert record.step_started_at is not None
+    resumed = record.pause if record.pause and record.pause.get("state") == "resumed" else None
+    return max(record.step_started_at, float(resumed["at"])) if resumed else record.step_started_at
+
+
+def pause_rollout(platform: DeploymentPlatform, endpoint_name: str, *, by: str, reason: str) -> RolloutRecord:
+    """Ask the rollout in progress on ``endpoint_name`` to hold its current step: the traffic stays as it is, no
+    step is passed and nothing is promoted, but the step is still judged (a breach still rolls back). Written to
+    the endpoint's rollout record, where the walk (operator and trigger) reads it at every poll."""
+    record = platform.get_rollout_record(endpoint_name)
+    if record is None or not record.in_progress:
+        state = "no rollout" if record is None else f"its last rollout ended as {record.state}"
+        raise RolloutPauseError(f"endpoint {endpoint_name} has {state}: nothing to pause")
+    if RolloutPlan.parse(record.plan).native_guardrails:
+        raise RolloutPauseError(
+            f"endpoint {endpoint_name}: the platform walks this guarded deployment itself; it cannot be paused "
+            "(roll it back instead)"
+        )
+    if active_pause(record):
+        raise RolloutPauseError(
+            f"the rollout on endpoint {endpoint_name} is already {pause_message(record.pause or {})}"
+        )
+    now = time.time()
+    record.pause = {"state": "paused", "by": by, "at": now, "reason": reason, "step": record.step}
+    record.message = pause_message(record.pause)
+    platform.put_rollout_record(endpoint_name, record)
+    return record
+
+
+def resume_rollout(platform: DeploymentPlatform, endpoint_name: str, *, by: str) -> RolloutRecord:
+    """Let a paused rollout go on: the step it held bakes again from now (its verdict is on the numbers after the
+    resume), then the walk continues as planned."""
+    record = platform.get_rollout_record(endpoint_name)
+    pause = active_pause(record)
+    if record is None or pause is None:
+        raise RolloutPauseError(f"endpoint {endpoint_name} has no paused rollout: nothing to resume")
+    now = time.time()
+    record.pause = {
+        "state": "resumed",
+        "by": by,
+        "at": now,
+        "paused_by": pause.get("by"),
+        "paused_at": pause.get("at"),
+        "reason": pause.get("reason"),
+        "step": record.step,
+    }
+    record.message = f"resumed by {by} at {_iso(now)} after a pause of {now - float(pause.get('at') or now):.0f}s"
+    platform.put_rollout_record(endpoint_name, record)
+    return record
+
+
+def save_record(platform: DeploymentPlatform, endpoint_name: str, record: RolloutRecord) -> None:
+    """The walk's own write of its record: the pause state (and its message, while the rollout is in progress) is
+    taken from the stored record, so a pause or resume written since the walk last read it is kept."""
+    stored = platform.get_rollout_record(endpoint_name)
+    if stored is not None and stored.variant == record.variant and stored.rollout_id == record.rollout_id:
+        record.pause = stored.pause
+        if record.in_progress:
+            record.message = stored.message
+    platform.put_rollout_record(endpoint_name, record)
+
+
 @dataclass(frozen=True)
 class StepCheck:
     """Where one step stands: ``passed`` (baked and within the SLO), ``breach``, ``timeout`` (too little traffic
-    to judge by bake + max_wait) or ``wait``."""
+    to judge by bake + max_wait), ``paused_too_long`` (held by a pause past ``max_pause_s``: rolled back),
+    ``paused`` (held: judged, but neither passed nor timed out) or ``wait``."""
 
     status: str
     step: int
@@ -104,12 +193,22 @@ class StepCheck:
     elapsed_s: float
     verdict: Verdict
 
+    pause: dict[str, Any] | None = None
+    max_pause_s: float = DEFAULT_MAX_PAUSE_S
+
     @property
     def done(self) -> bool:
-        return self.status != "wait"
+        return self.status not in ("wait", "paused")
 
     @property
     def message(self) -> str:
+        if self.status == "paused_too_long":
+            return (
+                f"step {self.percent:g}%: {pause_message(self.pause or {})}; paused longer than "
+                f"max_pause_s={self.max_pause_s:g}s"
+            )
+        if self.status == "paused":
+            return f"step {self.percent:g}%: {pause_message(self.pause or {})}; holding ({self.verdict.message})"
         if self.status == "timeout":
             return f"step {self.percent:g}%: too little traffic to judge ({self.verdict.message})"
         return f"step {self.percent:g}%: {self.verdict.message}"
@@ -120,8 +219,8 @@ class StepCheck:
             "step": self.step,
             "percent": self.percent,
             "elapsed_s": round(self.elapsed_s, 1),
-            "message": self.message,
             **self.verdict.to_dict(),
+            "message": self.message,  # the step's (it says the percentage, a timeout or a pause), not the verdict's
         }
 
 
@@ -133,8 +232,13 @@ def check_step(
     *,
     max_wait_s: float,
     now: float | None = None,
+    max_pause_s: float = DEFAULT_MAX_PAUSE_S,
 ) -> StepCheck:
-    """Judge the current step from the endpoint's numbers since the step began (read-only: safe in a trigger).
+    """Judge the current step from the endpoint's numbers since the step began, or since the rollout was resumed
+    after it began (read-only: safe in a trigger).
+
+    While ``record`` is paused the step is still judged (a breach is a breach) but neither passes nor times out:
+    ``paused``, and ``paused_too_long`` once the pause is older than ``max_pause_s``.
 
     With ``native_guardrails`` the platform walks the steps and judges them on its alarms: the single step here
     passes when its deployment finished and is a breach when it rolled back."""
@@ -143,11 +247,18 @@ def check_step(
         return _check_guarded(platform, handle, record, plan, max_wait_s=max_wait_s, now=now)
     percent = plan.steps()[record.step]
     old = [name for name in record.previous if name != record.variant]
-    rows = platform.read_metrics(handle, variants=[record.variant, *old], since=record.step_started_at)
+    start = step_start(record)
+    rows = platform.read_metrics(handle, variants=[record.variant, *old], since=start)
     verdict = judge(rows[0], combined(rows[1:]), plan.slo)
-    elapsed = (time.time() if now is None else now) - record.step_started_at
+    now = time.time() if now is None else now
+    elapsed = now - start
+    pause = active_pause(record)
     if verdict.ok is False:
         status = "breach"
+    elif pause is not None:
+        held = now - float(pause.get("at") or now)
+        status = "paused_too_long" if held >= max_pause_s else "paused"
+        return StepCheck(status, record.step, percent, elapsed, verdict, pause, max_pause_s)
     elif verdict.ok and elapsed >= plan.bake_seconds:
         status = "passed"
     elif elapsed >= plan.bake_seconds + max_wait_s:

@@ -10,12 +10,15 @@ Airflow UI's cookies or API, and ``X-Content-Type-Options: nosniff``, so no file
 
 from __future__ import annotations
 
+import logging
 import mimetypes
+import threading
 from pathlib import Path
 from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
+log = logging.getLogger(__name__)
 SECURITY_HEADERS = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
 
 
@@ -72,20 +75,71 @@ def create_app() -> Any:
 
 class LazyApp:
     """An ASGI app built on its first request, so that loading plugins (done by every Airflow component)
-    does not import FastAPI and the API server's security modules where they are never served."""
+    does not import FastAPI and the API server's security modules where they are never served.
+
+    In the API server it is built ahead, in a background thread started when the server starts (:class:`WarmUp`),
+    so the page's first request does not pay for the imports; a request that comes first waits for that build."""
 
     def __init__(self) -> None:
         self._app: Any = None
+        self._lock = threading.Lock()
+        self.warmed = threading.Event()
+
+    def build(self) -> Any:
+        with self._lock:
+            if self._app is None:
+                self._app = create_app()
+            return self._app
+
+    def warm(self) -> None:
+        """Build the app, open the stores' clients (MLflow's lazy imports and connection) and parse the drift
+        windows into their cache: read-only."""
+        try:
+            self.build()
+            from airflow_llmops.plugins import ui_data
+
+            ui_data.list_drift()
+            if ui_data.tracking_uri():
+                ui_data.list_models()
+        except Exception as err:  # the first request will say what is wrong
+            log.info("LLMOps page warm-up: %s: %s", type(err).__name__, err)
+        finally:
+            self.warmed.set()
+
+    def warm_in_background(self) -> None:
+        threading.Thread(target=self.warm, name="llmops-ui-warm-up", daemon=True).start()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if self._app is None:
-            self._app = create_app()
-        await self._app(scope, receive, send)
+        app = self._app
+        if app is None:
+            import asyncio
+
+            app = await asyncio.to_thread(self.build)  # not on the event loop: the API server keeps serving
+        await app(scope, receive, send)
+
+
+APP = LazyApp()
+
+
+class WarmUp:
+    """A pass-through root middleware of the API server, instantiated once when the server starts (and only there):
+    it starts building the LLMOps page's app in the background, see :class:`LazyApp`."""
+
+    def __init__(self, app: Any) -> None:
+        from airflow.configuration import conf
+
+        self.app = app
+        if conf.getboolean("llmops", "ui_warm_up", fallback=True):
+            APP.warm_in_background()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
 
 
 class LLMOpsPlugin(AirflowPlugin):
     name = "llmops"
-    fastapi_apps = [{"app": LazyApp(), "url_prefix": "/llmops", "name": "LLMOps artifacts"}]
+    fastapi_apps = [{"app": APP, "url_prefix": "/llmops", "name": "LLMOps artifacts"}]
+    fastapi_root_middlewares = [{"middleware": WarmUp, "name": "LLMOps page warm-up"}]
     # The LLMOps page in the navigation, and a task instance's report on every task's page (Airflow 3.1+ renders
     # both in an iframe; the routes ask Airflow's auth for the UI's session).
     external_views = [

@@ -7,9 +7,10 @@ or a bearer token) and authorisation:
   style (bundled, no CDN);
 - ``GET /ui/api/models|endpoints|drift|task|audit`` the data, read from the stores (:mod:`.ui_data`), filtered to
   the DAGs the user may read;
-- ``POST /ui/api/endpoints/<platform>/<name>/rollback`` and ``POST /ui/api/models/<name>/promote``: allowed to
-  users whom the auth manager lets edit (``PUT``) the DAG that owns the endpoint (the DAG whose run started its
-  last rollout) or that produced the version; each is recorded in the audit log (who, when, what, outcome).
+- ``POST /ui/api/endpoints/<platform>/<name>/rollback|pause|resume`` and ``POST /ui/api/models/<name>/promote``:
+  allowed to users whom the auth manager lets edit (``PUT``) the DAG that owns the endpoint (the DAG whose run
+  started its last rollout) or that produced the version; each is recorded in the audit log (who, when, what,
+  outcome).
 
 The page is plain HTML with a script and a style sheet from the package: ``Content-Security-Policy`` allows
 scripts, styles, requests and frames from this origin only, and the script writes data with ``textContent``
@@ -276,6 +277,38 @@ def _guard(request: Any) -> None:
         raise HTTPException(400, f"actions need the {ACTION_HEADER}: 1 header")
 
 
+def _endpoint_action(action: str, platform: str, name: str, *, request: Any, user: Any, body: Any) -> dict[str, Any]:
+    """Roll back, pause or resume: the same checks (header, owner, edit access) and the same audit record."""
+    from fastapi import HTTPException
+
+    from airflow_llmops.plugins import ui_actions
+
+    _guard(request)
+    default = {"rollback": "rolled back", "pause": "paused", "resume": "resumed"}[action]
+    reason = str((body or {}).get("reason") or f"{default} from the LLMOps page")[:300]
+    who = _user_name(user)
+    try:
+        target = ui_actions.endpoint_target(platform, name)
+    except LookupError as err:
+        raise HTTPException(404, str(err)) from None
+    base = {"user": who, "action": action, "target": f"{platform}:{name}", "dag_id": target.owner}
+    if not Authz(user).can_edit(target.owner):
+        record_action({**base, "outcome": "refused", "detail": "no edit access to the owning DAG"})
+        raise HTTPException(403, f"{who} may not edit DAG {target.owner!r}, which owns endpoint {name}")
+    try:
+        if action == "rollback":
+            outcome = ui_actions.rollback(target, who=who, reason=reason)
+        elif action == "pause":
+            outcome = ui_actions.pause(target, who=who, reason=reason)
+        else:
+            outcome = ui_actions.resume(target, who=who)
+    except ui_actions.ActionError as err:
+        record_action({**base, "outcome": "failed", "detail": str(err)})
+        raise HTTPException(409, str(err)) from None
+    detail = {"reason": reason} if action != "resume" else {}
+    return {"ok": True, **record_action({**base, "outcome": "done", **detail, **outcome})}
+
+
 def _action_routes(router: "APIRouter") -> None:
     from typing import Annotated
 
@@ -288,24 +321,15 @@ def _action_routes(router: "APIRouter") -> None:
 
     @router.post("/api/endpoints/{platform}/{name}/rollback")
     def rollback(platform: str, name: str, request: Request, user: GetUserDep, body: Payload = None) -> dict[str, Any]:
-        _guard(request)
-        reason = str((body or {}).get("reason") or "rolled back from the LLMOps page")[:300]
-        who = _user_name(user)
-        try:
-            target = ui_actions.endpoint_target(platform, name)
-        except LookupError as err:
-            raise HTTPException(404, str(err)) from None
-        authz = Authz(user)
-        base = {"user": who, "action": "rollback", "target": f"{platform}:{name}", "dag_id": target.owner}
-        if not authz.can_edit(target.owner):
-            record_action({**base, "outcome": "refused", "detail": "no edit access to the owning DAG"})
-            raise HTTPException(403, f"{who} may not edit DAG {target.owner!r}, which owns endpoint {name}")
-        try:
-            outcome = ui_actions.rollback(target, who=who, reason=reason)
-        except ui_actions.ActionError as err:
-            record_action({**base, "outcome": "failed", "detail": str(err)})
-            raise HTTPException(409, str(err)) from None
-        return {"ok": True, **record_action({**base, "outcome": "done", "reason": reason, **outcome})}
+        return _endpoint_action("rollback", platform, name, request=request, user=user, body=body)
+
+    @router.post("/api/endpoints/{platform}/{name}/pause")
+    def pause(platform: str, name: str, request: Request, user: GetUserDep, body: Payload = None) -> dict[str, Any]:
+        return _endpoint_action("pause", platform, name, request=request, user=user, body=body)
+
+    @router.post("/api/endpoints/{platform}/{name}/resume")
+    def resume(platform: str, name: str, request: Request, user: GetUserDep, body: Payload = None) -> dict[str, Any]:
+        return _endpoint_action("resume", platform, name, request=request, user=user, body=body)
 
     @router.post("/api/models/{name}/promote")
     def promote(name: str, request: Request, user: GetUserDep, body: Payload = None) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """The LLMOps page's actions, through the same code paths as the pipeline: a rollback goes through the platform
 adapter's :meth:`~airflow_llmops.platforms.base.DeploymentPlatform.rollback` (exactly the weights from before the
 rollout come back, the new variant is removed) and is written to the endpoint's rollout record; a promotion moves
-the alias with :func:`airflow_llmops.ml.registry.move_alias` (recorded in the alias history).
+the alias with :func:`airflow_llmops.ml.registry.move_alias` (recorded in the alias history); a pause or resume is a
+request written to the rollout record (:func:`~airflow_llmops.platforms.rollout.pause_rollout`), which the running
+``RolloutOperator`` reads at every poll.
 
 Authorisation is the caller's (:mod:`.ui`): these functions only find the owner and act."""
 
@@ -81,6 +83,34 @@ def rollback(target: EndpointTarget, *, who: str, reason: str) -> dict[str, Any]
     record.message = f"rolled back from the LLMOps page by {who}: {reason}; {record.variant} removed, {after} serving"
     platform.put_rollout_record(target.name, record)
     return {"variant": record.variant, "before": before, "after": after, "rollout_id": record.rollout_id}
+
+
+def _pausable(target: EndpointTarget) -> Any:
+    from airflow_llmops.platforms import deployment_platform
+
+    return deployment_platform(target.platform, **target.platform_kwargs)
+
+
+def pause(target: EndpointTarget, *, who: str, reason: str) -> dict[str, Any]:
+    """Hold the endpoint's rollout in progress at its current step (the walk reads the request from the record)."""
+    from airflow_llmops.platforms.rollout import RolloutPauseError, pause_rollout
+
+    try:
+        record = pause_rollout(_pausable(target), target.name, by=who, reason=reason)
+    except RolloutPauseError as err:
+        raise ActionError(str(err)) from None
+    return {"variant": record.variant, "step": record.step, "rollout_id": record.rollout_id, "message": record.message}
+
+
+def resume(target: EndpointTarget, *, who: str) -> dict[str, Any]:
+    """Let the endpoint's paused rollout go on (the held step bakes again from now)."""
+    from airflow_llmops.platforms.rollout import RolloutPauseError, resume_rollout
+
+    try:
+        record = resume_rollout(_pausable(target), target.name, by=who)
+    except RolloutPauseError as err:
+        raise ActionError(str(err)) from None
+    return {"variant": record.variant, "step": record.step, "rollout_id": record.rollout_id, "message": record.message}
 
 
 def version_owner(name: str, version: str) -> str | None:

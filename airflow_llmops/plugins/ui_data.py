@@ -254,7 +254,12 @@ def rollout_view(record: dict[str, Any] | None, *, now: float | None = None) -> 
         steps = []
     bake = float(plan.get("bake_seconds") or 0)
     started = record.get("step_started_at")
-    left = max(0.0, bake - (now - float(started))) if started and record.get("state") == "in_progress" else None
+    pause = record.get("pause") if isinstance(record.get("pause"), dict) else None
+    in_progress = record.get("state") == "in_progress"
+    paused = pause if in_progress and pause and pause.get("state") == "paused" else None
+    if started and pause and pause.get("state") == "resumed":  # a resume restarts the held step's bake
+        started = max(float(started), float(pause.get("at") or 0))
+    left = max(0.0, bake - (now - float(started))) if started and in_progress and not paused else None
     step = int(record.get("step") or 0)
     return {
         "rollout_id": record.get("rollout_id"),
@@ -276,6 +281,7 @@ def rollout_view(record: dict[str, Any] | None, *, now: float | None = None) -> 
             if isinstance(v, dict)
         ],
         "message": record.get("message") or "",
+        "paused": {k: paused.get(k) for k in ("by", "at", "reason")} if paused else None,
         "started_at": record.get("started_at"),
         "updated_at": record.get("updated_at"),
     }
@@ -384,6 +390,60 @@ def drift_files(root: Path) -> Iterable[tuple[str, str, Path]]:
         yield run_folder.parent.name, run_folder.name, path
 
 
+# Parsed drift windows by drift.json path, kept while the file and its folder are unchanged (mtime and size): a
+# window is written once by its DAG run, so the page reads each of the 1,000s once, not on every refresh.
+_DRIFT_CACHE: dict[Path, tuple[tuple[int, int, int], tuple[str, dict[str, Any]] | None]] = {}
+_DRIFT_CACHE_MAX = 20_000
+
+
+def _drift_window(dag_id: str, run: str, path: Path) -> tuple[str, dict[str, Any]] | None:
+    """``(model, window)`` from one drift.json (None: unreadable), cached by the file's and folder's stat."""
+    try:
+        stat, folder = path.stat(), path.parent.stat()
+    except OSError:
+        return None
+    key = (stat.st_mtime_ns, stat.st_size, folder.st_mtime_ns)
+    cached = _DRIFT_CACHE.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        summary = None
+    entry = (
+        None
+        if not isinstance(summary, dict)
+        else (str(summary.get("model") or "?"), _window(dag_id, run, path, summary))
+    )
+    if len(_DRIFT_CACHE) >= _DRIFT_CACHE_MAX:
+        _DRIFT_CACHE.clear()
+    _DRIFT_CACHE[path] = (key, entry)
+    return entry
+
+
+def _window(dag_id: str, run: str, path: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    window = summary.get("window") or {}
+    report = path.parent / "drift-report.html"
+    checks = {
+        name: {k: c.get(k) for k in ("drift", "score", "threshold", "method", "note")}
+        for name, c in (summary.get("checks") or {}).items()
+        if isinstance(c, dict)
+    }
+    return {
+        "dag_id": dag_id,
+        "run": run,
+        "start": window.get("start"),
+        "end": window.get("end"),
+        "end_iso": window.get("end_iso"),
+        "verdict": summary.get("verdict"),
+        "drift": bool(summary.get("drift")),
+        "drifted_checks": summary.get("drifted_checks") or [],
+        "rows": summary.get("rows"),
+        "checks": checks,
+        "report": f"{dag_id}/{run}/drift/{report.name if report.is_file() else 'drift.json'}",
+    }
+
+
 def list_drift(root: Path | None = None, *, allowed: Any = None) -> dict[str, Any]:
     """Per monitored model, its windows oldest first: scores per check against thresholds, the verdict, the report,
     and (filled by the caller from the database) the retrain runs its drift events started."""
@@ -394,32 +454,9 @@ def list_drift(root: Path | None = None, *, allowed: Any = None) -> dict[str, An
     for dag_id, run, path in drift_files(root):
         if allowed is not None and not allowed(dag_id):
             continue
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        window = summary.get("window") or {}
-        report = path.parent / "drift-report.html"
-        checks = {
-            name: {k: c.get(k) for k in ("drift", "score", "threshold", "method", "note")}
-            for name, c in (summary.get("checks") or {}).items()
-            if isinstance(c, dict)
-        }
-        by_model.setdefault(str(summary.get("model") or "?"), []).append(
-            {
-                "dag_id": dag_id,
-                "run": run,
-                "start": window.get("start"),
-                "end": window.get("end"),
-                "end_iso": window.get("end_iso"),
-                "verdict": summary.get("verdict"),
-                "drift": bool(summary.get("drift")),
-                "drifted_checks": summary.get("drifted_checks") or [],
-                "rows": summary.get("rows"),
-                "checks": checks,
-                "report": f"{dag_id}/{run}/drift/{report.name if report.is_file() else 'drift.json'}",
-            }
-        )
+        entry = _drift_window(dag_id, run, path)
+        if entry is not None:
+            by_model.setdefault(entry[0], []).append(dict(entry[1]))
     models = []
     for name, windows in sorted(by_model.items()):
         windows.sort(key=lambda w: float(w.get("end") or 0))

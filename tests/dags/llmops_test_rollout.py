@@ -25,6 +25,7 @@ with DAG(
         "traffic_steps": Param([10, 50, 100], type="array"),
         "auto_rollback": Param(True, type="boolean"),
         "deferrable": Param(False, type="boolean"),
+        "max_pause_s": Param(86400, type="number"),
     },
 ) as rollout_dag:
     deploy = DeployModelOperator(
@@ -57,10 +58,12 @@ with DAG(
             client.update_variant(rollout["variant"], fault=fault)
 
     class _Rollout(RolloutOperator):
-        """The rollout with its deferrable switch taken from the run's params (dag.test runs triggers inline)."""
+        """The rollout with its deferrable switch and pause limit taken from the run's params (dag.test runs
+        triggers inline)."""
 
         def execute(self, context):  # type: ignore[no-untyped-def]
             self.deferrable = bool(context["params"]["deferrable"])
+            self.max_pause_s = float(context["params"]["max_pause_s"])
             return super().execute(context)
 
     rollout = _Rollout(

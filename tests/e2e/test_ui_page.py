@@ -1,8 +1,8 @@
 """The LLMOps page in a real browser (headless Debian Chromium through Playwright) inside a real Airflow api-server
 with the provider's plugin, over stores filled by the real code paths (tests/integration/ui_stores.py): a viewer
 sees models, alias history, endpoint weights, charts, drift reports and a task's report, and no action; an admin
-rolls an endpoint back from the page and the endpoint's weights change. Screenshots: the test's tmp dir, and
-docs/img/llmops-page.png for the README."""
+rolls an endpoint back from the page and the endpoint's weights change. Screenshots: the test's tmp dir; with
+LLMOPS_UPDATE_SCREENSHOTS=1 also docs/img/llmops-page.png for the README (a normal run leaves the tree clean)."""
 
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def test_llmops_page_in_airflow_ui(stack: dict[str, Any], tmp_path: Path) -> Non
             assert weights == {"v1": 90.0, "v2": 10.0}
             assert endpoint.locator(f".chart[data-chart='latency-{ui_stores.ENDPOINT}'] circle.pt").count() >= 2
             assert "in_progress" in endpoint.locator(".rollout").inner_text()
-            assert frame.locator("button.rollback").count() == 0  # read-only: no action button
+            assert frame.locator("button.rollback, button.pause").count() == 0  # read-only: no action button
             page.screenshot(path=str(shots / "endpoints-viewer.png"), full_page=True)
             refused = context.request.post(
                 f"{url}/llmops/ui/api/endpoints/local/{ui_stores.ENDPOINT}/rollback",
@@ -183,13 +183,25 @@ def test_llmops_page_in_airflow_ui(stack: dict[str, Any], tmp_path: Path) -> Non
             frame = _open_page(page, url)
             frame.get_by_role("button", name="Endpoints").click()
             page.screenshot(path=str(shots / "endpoints-admin.png"), full_page=True)
-            README_SHOT.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(README_SHOT), full_page=True)
+            if os.environ.get("LLMOPS_UPDATE_SCREENSHOTS") == "1":
+                README_SHOT.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(README_SHOT), full_page=True)
+            # Pause the canary (the rollout section says who paused it and why), then resume it.
+            endpoint = frame.locator(f".endpoint[data-endpoint='{ui_stores.ENDPOINT}']")
+            endpoint.locator("button.pause").click()
+            endpoint.locator("input.reason").fill("checking <p95>")
+            endpoint.locator("button.confirm-action").click()
+            paused = endpoint.locator(".rollout-paused")
+            paused.wait_for(timeout=60_000)
+            assert "paused by admin" in paused.inner_text() and "checking <p95>" in paused.inner_text()
+            page.screenshot(path=str(shots / "paused.png"), full_page=True)
+            endpoint.locator("button.resume").click()
+            endpoint.locator("button.pause").wait_for(timeout=60_000)
+            assert paused.count() == 0 and "resumed by admin" in endpoint.locator(".rollout-message").inner_text()
             frame.locator("button.rollback").click()
             frame.locator("input.reason").fill("canary looks wrong")
             frame.locator("button.confirm-action").click()
-            frame.locator("#notice.ok").wait_for(timeout=60_000)
-            assert "rolled back" in frame.locator("#notice").inner_text()
+            frame.locator("#notice.ok", has_text="rolled back").wait_for(timeout=60_000)
             endpoint = frame.locator(f".endpoint[data-endpoint='{ui_stores.ENDPOINT}']")
             endpoint.locator("tr.variant[data-variant='v1'][data-weight='100']").wait_for(timeout=30_000)
             assert endpoint.locator("tr.variant").count() == 1
@@ -198,6 +210,7 @@ def test_llmops_page_in_airflow_ui(stack: dict[str, Any], tmp_path: Path) -> Non
             audit = frame.locator("tr.audit").all_inner_texts()
             assert any("admin" in row and "done" in row for row in audit), audit
             assert any("viewer" in row and "refused" in row for row in audit), audit
+            assert any("pause" in row and "done" in row for row in audit), audit
             page.screenshot(path=str(shots / "after-rollback.png"), full_page=True)
             assert errors == [], errors
             context.close()
@@ -213,5 +226,6 @@ def test_llmops_page_in_airflow_ui(stack: dict[str, Any], tmp_path: Path) -> Non
         "endpoints-viewer.png",
         "home-widget.png",
         "models.png",
+        "paused.png",
         "task-report.png",
     ]

@@ -99,10 +99,34 @@ def test_page_data_and_rollback_behind_airflow_auth(stores) -> None:
 
     admin_endpoints = client.get("/ui/api/endpoints", headers=tokens["admin"]).json()["endpoints"]
     assert [e["can_edit"] for e in admin_endpoints if e["name"] == ui_stores.ENDPOINT] == [True]
+
+    # Pause and resume: the same rules as the rollback; the request lands in the rollout record the walk reads.
+    admin = {**tokens["admin"], "X-LLMOps-Action": "1"}
+    pause, resume = url.replace("/rollback", "/pause"), url.replace("/rollback", "/resume")
+    platform = get_platform("local", endpoints_root=str(stores["endpoints"]))
+    assert client.post(pause, headers=action, json={"reason": "viewer tries"}).status_code == 403
+    assert client.post(pause, headers=tokens["admin"], json={}).status_code == 400
+    assert platform.get_rollout_record(ui_stores.ENDPOINT).pause is None
+    paused = client.post(pause, headers=admin, json={"reason": "<b>look</b> at p95"})
+    assert paused.status_code == 200, paused.text
+    assert paused.json()["message"].startswith("paused by admin at ")
+    held = platform.get_rollout_record(ui_stores.ENDPOINT)
+    assert held.in_progress and held.pause["state"] == "paused" and held.pause["reason"] == "<b>look</b> at p95"
+    (ep,) = [e for e in client.get("/ui/api/endpoints", headers=tokens["viewer"]).json()["endpoints"]]
+    assert ep["rollout"]["paused"]["by"] == "admin" and ep["rollout"]["paused"]["reason"] == "<b>look</b> at p95"
+    assert ep["rollout"]["bake_left_s"] is None and ep["weights"] == {"v1": 90.0, "v2": 10.0}
+    assert client.post(pause, headers=admin, json={}).status_code == 409  # already paused
+    assert client.post(resume, headers=action, json={}).status_code == 403
+    resumed = client.post(resume, headers=admin, json={})
+    assert resumed.status_code == 200, resumed.text
+    record = platform.get_rollout_record(ui_stores.ENDPOINT)
+    assert record.pause["state"] == "resumed" and record.pause["paused_by"] == "admin" and record.in_progress
+    (ep,) = [e for e in client.get("/ui/api/endpoints", headers=tokens["viewer"]).json()["endpoints"]]
+    assert ep["rollout"]["paused"] is None and 0 < ep["rollout"]["bake_left_s"] <= 600
+    assert client.post(resume, headers=admin, json={}).status_code == 409  # nothing paused
     done = client.post(url, headers={**tokens["admin"], "X-LLMOps-Action": "1"}, json={"reason": "bad canary"})
     assert done.status_code == 200, done.text
     assert done.json()["before"] == {"v1": 90.0, "v2": 10.0} and done.json()["after"] == {"v1": 100.0}
-    platform = get_platform("local", endpoints_root=str(stores["endpoints"]))
     server = json.loads((stores["endpoints"] / ui_stores.ENDPOINT / "server.json").read_text())
     assert platform.get_traffic(EndpointHandle("local", ui_stores.ENDPOINT, url=server["url"])) == {"v1": 100.0}
     record = platform.get_rollout_record(ui_stores.ENDPOINT)
@@ -124,6 +148,12 @@ def test_page_data_and_rollback_behind_airflow_auth(stores) -> None:
     actions = [json.loads(line) for line in stores["audit"].read_text().splitlines()]
     assert [(a["user"], a["action"], a["outcome"]) for a in actions] == [
         ("viewer", "rollback", "refused"),
+        ("viewer", "pause", "refused"),
+        ("admin", "pause", "done"),
+        ("admin", "pause", "failed"),
+        ("viewer", "resume", "refused"),
+        ("admin", "resume", "done"),
+        ("admin", "resume", "failed"),
         ("admin", "rollback", "done"),
         ("admin", "rollback", "failed"),
         ("viewer", "promote", "refused"),
@@ -131,3 +161,4 @@ def test_page_data_and_rollback_behind_airflow_auth(stores) -> None:
     ]
     audit = client.get("/ui/api/audit", headers=tokens["viewer"]).json()["actions"]
     assert audit[0]["action"] == "promote" and audit[3]["reason"] == "bad canary"
+    assert audit[8]["action"] == "pause" and audit[8]["reason"] == "<b>look</b> at p95"

@@ -95,11 +95,56 @@ def test_rollout_view_computes_step_bake_left_and_owner() -> None:
     assert rollout_view(record.to_dict(), now=1100.0)["bake_left_s"] is None  # type: ignore[index]
 
 
+def test_rollout_view_shows_a_pause_and_a_resume_restarts_the_bake() -> None:
+    from airflow_llmops.platforms import RolloutRecord
+    from airflow_llmops.plugins.ui_data import rollout_view
+    from airflow_llmops.specs import RolloutPlan
+
+    plan = RolloutPlan(strategy="canary", traffic_steps=[10, 100], bake_seconds=300)
+    record = RolloutRecord(
+        rollout_id="llmops_local/manual__1/rollout",
+        variant="v2",
+        model_uri="models:/m/2",
+        previous={"v1": 100.0},
+        plan=plan.to_dict(),
+        step_started_at=1000.0,
+        pause={"state": "paused", "by": "ann", "at": 1050.0, "reason": "<img src=x> p95", "step": 0},
+    )
+    view = rollout_view(record.to_dict(), now=1100.0)
+    assert view is not None and view["paused"] == {"by": "ann", "at": 1050.0, "reason": "<img src=x> p95"}
+    assert view["bake_left_s"] is None  # held: no bake is running
+    record.pause = {"state": "resumed", "by": "bob", "at": 1090.0, "paused_by": "ann", "paused_at": 1050.0}
+    view = rollout_view(record.to_dict(), now=1100.0)
+    assert view is not None and view["paused"] is None and view["bake_left_s"] == 290.0  # restarted at the resume
+
+
+def test_drift_windows_are_parsed_once_and_again_when_the_file_changes(tmp_path: Path) -> None:
+    import json
+    import os
+
+    from airflow_llmops.plugins import ui_data
+
+    folder = tmp_path / "llmops_drift" / "scheduled__1" / "drift"
+    folder.mkdir(parents=True)
+    summary = {"model": "m", "verdict": "no_drift", "drift": False, "window": {"end": 10}, "checks": {}}
+    (folder / "drift.json").write_text(json.dumps(summary))
+    (first,) = ui_data.list_drift(tmp_path)["models"][0]["windows"]
+    assert first["verdict"] == "no_drift" and first["report"].endswith("/drift.json")
+    assert tmp_path.joinpath(folder, "drift.json") in ui_data._DRIFT_CACHE
+    (folder / "drift.json").write_text(json.dumps({**summary, "verdict": "drift", "drift": True, "rows": 12}))
+    os.utime(folder / "drift.json", ns=(1, 1))  # even with a time in the past: the size changed
+    (folder / "drift-report.html").write_text("<p>report</p>")
+    (again,) = ui_data.list_drift(tmp_path)["models"][0]["windows"]
+    assert again["verdict"] == "drift" and again["rows"] == 12 and again["report"].endswith("/drift-report.html")
+
+
 def test_plugin_declares_views_airflow_accepts_and_loads_light() -> None:
     from airflow.api_fastapi.core_api.datamodels.plugins import ExternalViewResponse, ReactAppResponse
 
     from airflow_llmops.plugins.artifacts import LLMOpsPlugin
 
+    (warm_up,) = LLMOpsPlugin.fastapi_root_middlewares
+    assert callable(warm_up["middleware"]) and warm_up["name"]
     (widget,) = [ReactAppResponse.model_validate(v) for v in LLMOpsPlugin.react_apps]
     assert widget.destination == "dashboard" and widget.bundle_url.startswith("/llmops/ui/static/")
     views = [ExternalViewResponse.model_validate(v) for v in LLMOpsPlugin.external_views]

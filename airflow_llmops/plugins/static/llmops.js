@@ -133,10 +133,10 @@
   }
 
   // The page runs in a sandboxed iframe without modals (no confirm/prompt): actions confirm in the page.
-  function confirmBox(anchor, label, withReason, run) {
+  function confirmBox(anchor, label, withReason, run, defaultReason) {
     const old = anchor.parentNode.querySelector(".confirm");
     if (old) old.remove();
-    const reason = withReason ? h("input", { type: "text", class: "reason", "aria-label": "reason", value: "rolled back from the LLMOps page", size: 40 }) : null;
+    const reason = withReason ? h("input", { type: "text", class: "reason", "aria-label": "reason", value: defaultReason || "rolled back from the LLMOps page", size: 40 }) : null;
     const box = h("span", { class: "confirm" }, " ", reason,
       h("button", { type: "button", class: "action confirm-action danger", onclick: () => { box.remove(); run(reason ? reason.value : ""); } }, label),
       h("button", { type: "button", onclick: () => box.remove() }, "Cancel"));
@@ -177,15 +177,23 @@
           ` ${ro.variant} (${ro.strategy || "?"}) — step ${ro.step + 1}/${ro.steps.length || "?"}`,
           ro.step_percent !== null ? ` at ${C.fmtNum(ro.step_percent)} %` : "",
           ro.bake_left_s !== null ? `, bake time left ${Math.round(ro.bake_left_s)} s` : "",
+          ro.paused ? ", held (paused)" : "",
           ` — SLO: p95 ≤ ${slo.p95_latency_ms ?? "?"} ms, error rate ≤ ${slo.max_error_rate !== undefined ? (slo.max_error_rate * 100).toFixed(2) + " %" : "?"}, min ${slo.min_requests ?? "?"} requests`));
-        if (ro.message) card.appendChild(h("p", { class: "rollout-message", text: ro.message }));
+        if (ro.paused) card.appendChild(h("p", { class: "rollout-paused bad", text: `paused by ${ro.paused.by} at ${when(ro.paused.at)}: ${ro.paused.reason || "–"} — the step holds its traffic and is still judged; it rolls back if the pause outlasts the operator's max_pause_s` }));
+        else if (ro.message) card.appendChild(h("p", { class: "rollout-message", text: ro.message }));
         if (ro.verdicts.length) {
           card.appendChild(table(["step", "%", "status", "after s", "verdict"], ro.verdicts.map((v) =>
             h("tr", { class: "verdict" }, h("td", { text: (v.step ?? 0) + 1 }), h("td", { text: C.fmtNum(v.percent) }),
               h("td", { class: v.status === "passed" ? "good" : "bad", text: v.status }), h("td", { text: C.fmtNum(v.elapsed_s) }), h("td", { text: v.message || "" })))));
         }
         if (ep.can_edit && (ro.state === "in_progress" || ro.state === "failed")) {
-          card.appendChild(h("p", {}, h("button", { type: "button", class: "action rollback danger", "data-endpoint": ep.name, onclick: (e) => confirmBox(e.target, "Confirm roll back", true, (reason) => rollback(ep, reason)) }, "Roll back")));
+          const buttons = h("p", {}, h("button", { type: "button", class: "action rollback danger", "data-endpoint": ep.name, onclick: (e) => confirmBox(e.target, "Confirm roll back", true, (reason) => rollback(ep, reason)) }, "Roll back"));
+          if (ro.state === "in_progress" && ro.paused) {
+            buttons.appendChild(h("button", { type: "button", class: "action resume", "data-endpoint": ep.name, onclick: () => pauseOrResume(ep, "resume", "") }, "Resume"));
+          } else if (ro.state === "in_progress" && ro.strategy) {
+            buttons.appendChild(h("button", { type: "button", class: "action pause", "data-endpoint": ep.name, onclick: (e) => confirmBox(e.target, "Confirm pause", true, (reason) => pauseOrResume(ep, "pause", reason), "paused from the LLMOps page") }, "Pause"));
+          }
+          card.appendChild(buttons);
         }
       }
       const charts = h("div", { class: "charts" });
@@ -205,6 +213,14 @@
       const out = await act(`api/endpoints/${encodeURIComponent(ep.platform)}/${encodeURIComponent(ep.name)}/rollback`, { reason });
       notice(`${ep.name}: rolled back (${out.variant} removed); weights now ${JSON.stringify(out.after)}`, "ok");
     } catch (e) { notice(`rollback refused: ${e.message}`, "error"); }
+    load();
+  }
+
+  async function pauseOrResume(ep, action, reason) {
+    try {
+      const out = await act(`api/endpoints/${encodeURIComponent(ep.platform)}/${encodeURIComponent(ep.name)}/${action}`, { reason });
+      notice(`${ep.name}: ${out.message}`, "ok");
+    } catch (e) { notice(`${action} refused: ${e.message}`, "error"); }
     load();
   }
 
@@ -294,7 +310,7 @@
     root.appendChild(table(["endpoint", "health", "weights", "rollout"], eps.endpoints.map((ep) => h("tr", { class: "widget-endpoint", "data-endpoint": ep.name },
       h("td", { text: `${ep.name} (${ep.platform})` }), h("td", { class: ep.up ? "good" : "bad", text: ep.up ? "up" : "not answering" }),
       h("td", { text: Object.entries(ep.weights || {}).map(([k, v]) => `${k} ${C.fmtNum(v)}%`).join(", ") || "–" }),
-      h("td", { class: ep.rollout ? `state-${ep.rollout.state}` : "", text: ep.rollout ? `${ep.rollout.state} ${ep.rollout.variant}` : "–" })))));
+      h("td", { class: ep.rollout ? `state-${ep.rollout.state}` : "", text: ep.rollout ? `${ep.rollout.state}${ep.rollout.paused ? " (paused)" : ""} ${ep.rollout.variant}` : "–" })))));
     root.appendChild(table(["model", "last drift window", "verdict"], drift.models.map((m) => {
       const last = m.windows[m.windows.length - 1] || {};
       return h("tr", { class: "widget-drift", "data-model": m.name }, h("td", { text: m.name }), h("td", { text: last.end_iso || "–" }),
