@@ -78,6 +78,30 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "s3://my-bucket/llmops",
                         "default": "",
                     },
+                    "ui_endpoints": {
+                        "description": "Cloud endpoints the LLMOps page shows next to the local ones, as "
+                        "platform:name pairs separated by commas.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "sagemaker:chatterbot-topics,vertex:chatterbot-topics",
+                        "default": "",
+                    },
+                    "ui_audit_log": {
+                        "description": "JSONL file where the LLMOps page records every action (who, when, what, "
+                        "the outcome), allowed or refused. Empty: $AIRFLOW_HOME/llmops/ui-actions.jsonl.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "/var/log/airflow/llmops-ui-actions.jsonl",
+                        "default": "",
+                    },
+                    "ui_warm_up": {
+                        "description": "Build the LLMOps page's app and warm its stores in a background thread when "
+                        "the API server starts, so the first page load is fast.",
+                        "version_added": "0.1.0",
+                        "type": "boolean",
+                        "example": "False",
+                        "default": "True",
+                    },
                     "mlflow_tracking_uri": {
                         "description": "MLflow tracking server for training runs and the model registry. Empty: "
                         "$MLFLOW_TRACKING_URI, else no tracking.",
