@@ -55,3 +55,23 @@ def build_tiny_gpt2(
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def build_tiny_llama(folder: Path, tokenizer_from: Path) -> Path:
+    """A one-layer Llama (random weights) with another model's tokenizer: an architecture the GPT-2-only export and
+    ONNX paths must refuse by name."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tokenizer_from / name).read_bytes())
+    return folder

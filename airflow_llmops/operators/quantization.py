@@ -139,6 +139,7 @@ class QuantizeModelOperator(LLMOpsBaseOperator):
                     "size_ratio": row.size_ratio,
                     "speedup": row.speedup,
                     "throughput_rows_s": round(row.throughput_rows_s, 1),
+                    "decode_tokens_s": None if row.decode_tokens_s is None else round(row.decode_tokens_s, 1),
                     "p50_ms": {str(b): round(v["p50"], 2) for b, v in row.latency_ms.items()},
                     "quality": row.quality,
                     "quality_drop": row.quality_drop,
@@ -178,6 +179,8 @@ class QuantizeModelOperator(LLMOpsBaseOperator):
                 client.set_tag(run_id, f"error.{row.method}", str(row.error)[:4000])
                 continue
             metrics = {"size_mb": row.size_bytes / 1e6, "throughput_rows_s": row.throughput_rows_s, **row.quality}
+            if row.decode_tokens_s is not None:
+                metrics["decode_tokens_s"] = row.decode_tokens_s
             metrics.update({f"p50_ms_b{b}": v["p50"] for b, v in row.latency_ms.items()})
             for key in ("quality_drop", "size_ratio", "speedup", "confirm_drop"):
                 if getattr(row, key) is not None:

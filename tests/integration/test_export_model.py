@@ -16,7 +16,7 @@ from conftest import prepare_chatterbot, require_module
 require_module("onnxruntime")
 require_module("gguf")
 
-from tiny_causal import build_tiny_gpt2, dialog_texts  # noqa: E402
+from tiny_causal import build_tiny_gpt2, build_tiny_llama, dialog_texts  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("export-model")]
 
@@ -154,7 +154,6 @@ def test_export_refuses_what_it_cannot_export(
     airflow_db: Path, gpt2: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     from dags_under_test import load_dag
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from airflow_llmops.ml.export import export_model
 
@@ -165,18 +164,7 @@ def test_export_refuses_what_it_cannot_export(
     )
 
     llama = tmp_path / "llama"
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    LlamaForCausalLM(config).save_pretrained(llama)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (llama / name).write_bytes((gpt2 / name).read_bytes())
+    build_tiny_llama(llama, gpt2)
     dag = load_dag("llmops_test_export", folder="tests/dags", module="llmops_test_export", attr="export_dag")
     run = dag.test(run_conf={"model_uri": str(llama), "dataset_uri": ""})
     assert run.get_task_instance("export_onnx").state == "failed"

@@ -38,7 +38,8 @@ class GateDecision:
     """The gate's verdict on the measured rows.
 
     :ivar passed: ``all_must_pass``: every method within tolerance; ``fastest_within_tolerance``: at least one.
-    :ivar chosen: the method to ship: the highest-throughput method within tolerance (``None`` if none).
+    :ivar chosen: the method to ship: the fastest method within tolerance (``Measurement.speed``: rows/s, or a
+        causal LM's greedy decode tokens/s; ``None`` if none).
     :ivar drops: method → quality drop in points (``None`` where the method produced no numbers).
     :ivar message: the verdict with the numbers and the threshold, for logs and XCom.
     """
@@ -283,14 +284,15 @@ def relative_to_baseline(rows: Sequence[Measurement]) -> None:
             continue
         row.quality_drop = quality_drop(baseline, row)
         row.size_ratio = row.size_bytes / baseline.size_bytes if baseline.size_bytes else None
-        row.speedup = row.throughput_rows_s / baseline.throughput_rows_s if baseline.throughput_rows_s else None
+        row.speedup = row.speed / baseline.speed if baseline.speed else None
 
 
 def decide(rows: Sequence[Measurement], spec: QuantizationSpec) -> GateDecision:
     """Apply ``spec.choose`` with ``spec.max_quality_drop`` to rows whose ``quality_drop`` is set.
 
     ``all_must_pass``: passes only if every method ran and lost at most ``max_quality_drop`` points.
-    ``fastest_within_tolerance``: picks the highest-throughput method within tolerance; fails if there is none.
+    ``fastest_within_tolerance``: picks the fastest method within tolerance (:attr:`Measurement.speed`); fails if
+    there is none.
     Either way ``chosen`` is the fastest method within tolerance.
     """
     tolerance = spec.max_quality_drop
@@ -301,7 +303,7 @@ def decide(rows: Sequence[Measurement], spec: QuantizationSpec) -> GateDecision:
     within = [r for r in candidates if r.ok and r.quality_drop is not None and r.quality_drop <= tolerance]
     over = [r for r in candidates if r.ok and r not in within]
     broken = [r for r in candidates if not r.ok]
-    fastest = max(within, key=lambda r: r.throughput_rows_s, default=None)
+    fastest = max(within, key=lambda r: r.speed, default=None)
     unit = "points" if metric == "accuracy" else "% perplexity"
     base = f"fp32 {metric} {baseline.quality[metric]:.4f}"
     limit = f"max_quality_drop={tolerance:g} {unit}"
@@ -317,7 +319,7 @@ def decide(rows: Sequence[Measurement], spec: QuantizationSpec) -> GateDecision:
             confirmed = f", drop on {r.confirm_split} {r.confirm_drop:+.2f}"
         return (
             f"{r.method} {metric} {r.quality[metric]:.4f} (drop {r.quality_drop:+.2f}), "
-            f"{r.throughput_rows_s:.1f} rows/s ({r.speedup or 0:.2f}x fp32){confirmed}{kept}"
+            f"{r.speed:.1f} {r.speed_unit} ({r.speedup or 0:.2f}x fp32){confirmed}{kept}"
         )
 
     parts = []
@@ -351,7 +353,9 @@ def format_table(rows: Sequence[Measurement]) -> str:
     lm = any("perplexity" in r.quality for r in rows)
     headers = ["method", "size MB", "% fp32", *[f"p50 b{b} ms" for b in batch_sizes]]
     headers += [f"p95 b{max(batch_sizes)} ms"] if batch_sizes else []
-    headers += ["rows/s", "speedup", *(["perplexity", "drop %"] if lm else ["accuracy", "macro-F1", "drop pts"])]
+    decode = any(r.decode_tokens_s is not None for r in rows)
+    headers += ["rows/s", *(["decode tok/s"] if decode else []), "speedup"]
+    headers += ["perplexity", "drop %"] if lm else ["accuracy", "macro-F1", "drop pts"]
     confirm_split = next((r.confirm_split for r in rows if r.confirm_split), None)
     layers = any(r.fp32_layers is not None for r in rows)
     headers += [f"{confirm_split} drop"] if confirm_split else []
@@ -364,7 +368,9 @@ def format_table(rows: Sequence[Measurement]) -> str:
         cells = [r.method, f"{r.size_bytes / 1e6:.1f}", _pct(r.size_ratio)]
         cells += [f"{r.latency_ms[b]['p50']:.1f}" for b in batch_sizes]
         cells += [f"{r.latency_ms[max(batch_sizes)]['p95']:.1f}"] if batch_sizes else []
-        cells += [f"{r.throughput_rows_s:.1f}", f"{r.speedup:.2f}x" if r.speedup else "-"]
+        cells += [f"{r.throughput_rows_s:.1f}"]
+        cells += [f"{r.decode_tokens_s:.1f}" if r.decode_tokens_s is not None else "-"] if decode else []
+        cells += [f"{r.speedup:.2f}x" if r.speedup else "-"]
         if lm:
             cells += [f"{r.quality['perplexity']:.3f}", _signed(r.quality_drop)]
         else:

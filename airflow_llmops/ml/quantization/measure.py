@@ -2,6 +2,11 @@
 
 Latency is measured interleaved (repeat r of every predictor, then repeat r+1) so a slow spell of a shared machine
 hits every method alike, and end to end (tokenize + forward), which is what a caller of ``predict`` waits for.
+
+A causal LM is also timed the way its endpoint uses it: greedy decoding of :data:`DECODE_TOKENS` new tokens at
+batch 1 with the KV cache (``decode_tokens_s``), and that is its speed in the gate (:attr:`Measurement.speed`):
+a forward pass over whole texts (the prompt's prefill) says little about how fast a model generates — ONNX Runtime
+runs a decode step as one graph call, while an eager torch step spends most of its time in Python.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from airflow_llmops.ml.quantization.predictors import Predictor
 
 QUALITY_BATCH = 32
 WARMUP = 2
+DECODE_TOKENS = 16  # new tokens per timed generation (a causal LM's speed)
+DECODE_PROMPTS = 4  # timed generations per predictor, interleaved
+DECODE_PROMPT_TOKENS = 24  # each prompt: the first tokens of an evaluation text
 
 
 @dataclass
@@ -58,6 +66,16 @@ class Measurement:
     confirm_split: str | None = None
     confirm_quality: dict[str, float] | None = None
     confirm_drop: float | None = None
+    decode_tokens_s: float | None = None
+
+    @property
+    def speed(self) -> float:
+        """What the gate ranks methods by: greedy decode tokens/s for a causal LM, rows/s for a classifier."""
+        return self.decode_tokens_s if self.decode_tokens_s is not None else self.throughput_rows_s
+
+    @property
+    def speed_unit(self) -> str:
+        return "tokens/s (greedy decode, batch 1)" if self.decode_tokens_s is not None else "rows/s"
 
     @property
     def ok(self) -> bool:
@@ -168,7 +186,44 @@ def measure_many(
     for result in results:
         result.throughput_batch = largest
         result.throughput_rows_s = largest / (result.latency_ms[largest]["p50"] / 1000)
+    if all(
+        p.task == "causal_lm" and callable(getattr(getattr(p, "model", None), "generate", None)) for p in predictors
+    ):
+        for result, speed in zip(results, decode_speed(predictors, texts), strict=True):
+            result.decode_tokens_s = speed
     return results
+
+
+def decode_speed(predictors: Sequence[Predictor], texts: Sequence[str]) -> list[float]:
+    """Greedy tokens/s of each causal LM at batch 1: exactly :data:`DECODE_TOKENS` new tokens (no stop token ends a
+    generation early, so every method does the same work) after a prompt of the first
+    :data:`DECODE_PROMPT_TOKENS` tokens of an evaluation text; interleaved like the latencies, after one warm-up."""
+    tokenizer = predictors[0].tokenizer  # type: ignore[attr-defined]
+    prompts = []
+    for text in list(texts)[:DECODE_PROMPTS]:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :DECODE_PROMPT_TOKENS]
+        prompts.append(ids if ids.shape[1] else torch.tensor([[tokenizer.eos_token_id or 0]]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    spent = [0.0 for _ in predictors]
+    for index, ids in enumerate([prompts[0], *prompts]):
+        order = list(range(len(predictors)))
+        shift = index % len(order)
+        for k in order[shift:] + order[:shift]:
+            model: Any = predictors[k].model  # type: ignore[attr-defined]
+            started = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=DECODE_TOKENS,
+                    min_new_tokens=DECODE_TOKENS,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    eos_token_id=None,
+                )
+            if index > 0:  # the first round warms up
+                spent[k] += time.perf_counter() - started
+    return [DECODE_TOKENS * len(prompts) / t if t > 0 else 0.0 for t in spent]
 
 
 def measure(
