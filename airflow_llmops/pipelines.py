@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from airflow.sdk import DAG, AssetAlias, Param
+from airflow.sdk import DAG, Asset, AssetAlias, Param
 
 from airflow_llmops.operators import (
     DeployModelOperator,
@@ -36,8 +36,9 @@ MODELS = {
     "chat": "chatterbot-chat-assistant",
 }
 ENDPOINTS = {"classification": DATASET, "causal_lm": "chatterbot-dialog", "chat": "chatterbot-chat"}
-# The prepared data of each task is its own Asset (conversations are not the classifier's rows).
-DATASETS = {"classification": DATASET, "causal_lm": DATASET, "chat": "chatterbot-conversations"}
+# The prepared data of each task is its own Asset and folder (dialog rows and conversations are not the classifier's
+# rows: the drift monitor, which follows the classifier's dataset Asset, must never take them as its reference).
+DATASETS = {"classification": DATASET, "causal_lm": "chatterbot-dialogs", "chat": "chatterbot-conversations"}
 
 
 def by_task(values: Mapping[str, str]) -> str:
@@ -47,6 +48,12 @@ def by_task(values: Mapping[str, str]) -> str:
         if task != "classification":
             expression = f"{value!r} if params.task == {task!r} else {expression}"
     return "{{ " + expression + " }}"
+
+
+def dataset_alias(dag_id: str) -> AssetAlias:
+    """The prepare task's outlet where the ``task`` Param picks the dataset: the event goes to the Asset of the dataset
+    it prepared (``x-llmops://datasets/<name>``)."""
+    return AssetAlias(f"llmops-{dag_id}-dataset")
 
 
 def champion_alias(dag_id: str) -> AssetAlias:
@@ -163,7 +170,7 @@ def reference_pipeline(
     params: Mapping[str, Param] | None = None,
     strategies: list[str] | None = None,
     tasks: list[str] | None = None,
-    dataset: str = DATASET,
+    dataset: str | None = None,
     validation: Mapping[str, Any] | None = None,
     quantization: Mapping[str, Any] | None = None,
     evaluation: Mapping[str, Any] | None = None,
@@ -180,7 +187,8 @@ def reference_pipeline(
     :param params: extra Params (e.g. ones the ``training`` / ``rollout`` templates read).
     :param strategies: the rollout strategies the platform can run (the ``rollout_strategy`` Param's choices).
     :param tasks: the ``task`` Param's choices, the first the default (see :func:`reference_params`).
-    :param dataset: the prepared dataset's name (and Asset).
+    :param dataset: the prepared dataset's name (and Asset) whatever the task; default: the task's own
+        (:data:`DATASETS`).
     :param validation: / :param quantization: fields added to (or replacing) the validation and quantization specs.
     :param evaluation: arguments added to (or replacing) the ``evaluate`` task's (e.g. ``metric``,
         ``generation_rows``, ``max_new_tokens``; templated).
@@ -201,6 +209,14 @@ def reference_pipeline(
             **dict(params or {}),
         },
     ) as dag:
+        offered = tasks or ["classification", "causal_lm"]
+        names = {task: dataset or DATASETS[task] for task in offered}
+        if len(set(names.values())) == 1:  # one dataset: its name, and its Asset as the outlet
+            dataset_name: str = next(iter(names.values()))
+            dataset_outlet: Asset | AssetAlias = dataset_asset(dataset_name)
+        else:  # the task Param picks it: the event goes through an alias to the chosen dataset's Asset
+            dataset_name = by_task({"classification": DATASET, **names})
+            dataset_outlet = dataset_alias(dag_id)
         cloud: dict[str, Any] = {"platform_conn_id": platform_conn_id} if platform_conn_id else {}
         train_wait: dict[str, Any] = {"deferrable": True} if platform != "local" else {}
         plan = PlanRunOperator(
@@ -208,7 +224,7 @@ def reference_pipeline(
             platform="{{ params.platform }}",
             retries=0,
             dataset={
-                "name": dataset,
+                "name": dataset_name,
                 "source": "{{ params.dataset_source }}",
                 "task": "{{ params.task }}",
             },
@@ -242,7 +258,7 @@ def reference_pipeline(
             task_id="prepare",
             dataset="{{ ti.xcom_pull(task_ids='plan')['specs']['dataset'] }}",
             tokenizer="{{ params.model or 'all-MiniLM-L6-v2' }}",
-            outlets=[dataset_asset(dataset)],
+            outlets=[dataset_outlet],
         )
         validate = ValidateDatasetOperator(
             task_id="validate",

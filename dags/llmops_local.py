@@ -21,7 +21,8 @@ default), judging each step on live p95 latency and error rate, rolls back on a 
 With the Param `task=causal_lm` the same stages train a dialog generator, registered as
 `chatterbot-dialog-generator` and served on the endpoint `chatterbot-dialog` (its own champion and Asset).
 
-The prepared dataset is published as the Asset `x-llmops://datasets/chatterbot-topics`.
+The prepared dataset is published as the Asset `x-llmops://datasets/chatterbot-topics` (the `causal_lm` task's
+dialog rows as `x-llmops://datasets/chatterbot-dialogs`, through the alias `llmops-llmops_local-dataset`).
 
 * **Schedule**: daily; each run works on its own data interval, so a backfill re-plans exactly those days.
 * **Latest only**: `latest_only` lets `deploy` and `rollout` run for the latest interval and for manual or

@@ -129,10 +129,17 @@ class Demo:
         from airflow_llmops.devstack.demo_drift import closed_loop
 
         if run_id is None:
-            self.step.at(f"looking for the newest successful {DAG_ID} run", DAG_ID)
-            done = [r for r in client.runs(DAG_ID, limit=50) if r.get("state") == "success"]
+            # The drift demo watches the topic classifier: a run of the other task (task=causal_lm) deployed a
+            # dialog generator, whose endpoint takes prompts, not texts to classify.
+            self.step.at(f"looking for the newest successful {DAG_ID} run of the classifier", DAG_ID)
+            done = [
+                r
+                for r in client.runs(DAG_ID, limit=50)
+                if r.get("state") == "success"
+                and (r.get("conf") or {}).get("task", "classification") == "classification"
+            ]
             if not done:
-                print(f"no successful {DAG_ID} run yet: run ./scripts/demo first")
+                print(f"no successful {DAG_ID} run of the classifier yet: run ./scripts/demo first")
                 return False
             run_id = str(done[0]["dag_run_id"])
         self.step.at(f"reading the endpoint the {DAG_ID} run deployed", DAG_ID, run_id)

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from airflow.sdk import Asset, ObjectStoragePath
+from airflow.sdk import Asset, AssetAlias, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_llmops.links.artifacts import DatasetLink, ValidationReportLink
@@ -145,13 +145,17 @@ class PrepareDatasetOperator(LLMOpsBaseOperator):
             manifest["rejected_input_rows"],
             out,
         )
-        for asset in self.outlets or []:
-            if isinstance(asset, Asset):
-                context["outlet_events"][asset].extra = {
-                    "dataset_uri": display_uri(out),
-                    "content_hash": manifest["content_hash"],
-                    "rows": rows,
-                }
+        extra = {
+            "dataset_uri": display_uri(out),
+            "content_hash": manifest["content_hash"],
+            "rows": rows,
+            "task": spec.task,
+        }
+        for outlet in self.outlets or []:
+            if isinstance(outlet, Asset):
+                context["outlet_events"][outlet].extra = extra
+            elif isinstance(outlet, AssetAlias):  # the dataset is known only now (its name chosen by a Param)
+                context["outlet_events"][outlet].add(dataset_asset(spec.name), extra=extra)
         DatasetLink().persist(context, display_uri(out / "manifest.json"))
         summary = {
             "dataset_uri": display_uri(out),

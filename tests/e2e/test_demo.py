@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,6 +64,58 @@ def _retrain_runs(root: Path, port: int) -> tuple[list[dict], list[dict]]:
     return client.runs("llmops_retrain"), client.runs("llmops_local")
 
 
+def _causal_lm_through_the_rest_api(client: Any, log_root: Path) -> None:
+    """The ``task`` Param's other value, triggered the way a user does it (the REST API validates the conf against
+    the DAG's Params): a dialog generator goes through every stage to its own registered model and endpoint (it is
+    not judged against the classifier's champion, nor canaried next to it), and the endpoint generates."""
+    import urllib.parse
+
+    import httpx
+
+    conf = {"task": "causal_lm", "max_steps": 10, "rollout_strategy": "all_at_once", "max_quality_drop": 100.0}
+    run_id = client.trigger("llmops_local", conf)
+    state = client.wait_for_run("llmops_local", run_id, timeout=900)
+    if state != "success":
+        from airflow_llmops.devstack.demo_drift import explain_run
+
+        lines = explain_run(client, "llmops_local", run_id, state, log_root=log_root)
+        logs = [Path(w) for line in lines for w in line.split() if w.endswith(".log") and Path(w).is_file()]
+        pytest.fail("\n".join(lines + [p.read_text(errors="replace")[-4000:] for p in logs]))
+    # The DAG's default methods: onnx_static_int8 is for classifiers (left out, with the reason); of the two dynamic
+    # int8 methods the gate keeps the faster one; evaluation scores that artifact in full.
+    quantized = client.xcom("llmops_local", run_id, "quantize")
+    assert quantized["chosen_method"] in ("onnx_dynamic_int8", "torch_dynamic_int8"), quantized
+    evaluated = client.xcom("llmops_local", run_id, "evaluate")
+    assert evaluated["passed"] and evaluated["champion"] is None, evaluated  # the generator's own first version
+    assert evaluated["model_uri"] == quantized["chosen_model_uri"] and "rouge_l" in evaluated["challenger"], evaluated
+    registered = client.xcom("llmops_local", run_id, "register")
+    assert registered["uri"].startswith("models:/chatterbot-dialog-generator/"), registered
+    deployed = client.xcom("llmops_local", run_id, "deploy")
+    rolled = client.xcom("llmops_local", run_id, "rollout")
+    assert deployed["handle"]["endpoint_name"] == "chatterbot-dialog" and rolled["state"] == "succeeded", rolled
+    assert rolled["promoted"]["version"] == registered["version"]
+    # The promotion is an event on the generator's champion Asset (an alias), not on the classifier's.
+    query = urllib.parse.urlencode({"source_dag_id": "llmops_local", "source_run_id": run_id})
+    events = client._request("GET", f"/api/v2/assets/events?{query}")["asset_events"]
+    champion = "x-llmops://models/chatterbot-dialog-generator/champion"
+    assert champion in [e["uri"] for e in events], events
+    assert not any("chatterbot-topics-classifier" in e["uri"] for e in events), events
+    # Its dialog rows are their own dataset Asset: the drift monitor, which follows the classifier's, never takes them.
+    assert "x-llmops://datasets/chatterbot-dialogs" in [e["uri"] for e in events], events
+    assert "x-llmops://datasets/chatterbot-topics" not in [e["uri"] for e in events], events
+    prompt = "hello, how are you?"
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0}
+    answer = httpx.post(f"{deployed['url']}/v1/completions", json=body, timeout=60)
+    assert answer.status_code == 200 and answer.json()["model"] == deployed["variant"], answer.text
+    # The endpoint generates with the chosen artifact: its greedy text is the artifact's own (the shared stop rule).
+    from airflow_llmops.ml.predict import generate
+    from airflow_llmops.ml.quantization import load_quantized
+
+    predictor = load_quantized(str(quantized["chosen_model_uri"]).removeprefix("file://"), threads=1)
+    expected = generate(predictor.model, predictor.tokenizer, [prompt], max_new_tokens=8, add_special_tokens=False)
+    assert answer.json()["choices"][0]["text"] == expected[0], (answer.json(), expected, quantized["chosen_method"])
+
+
 def test_demo_runs_the_pipeline_then_drift_starts_a_retrain(tmp_path: Path):
     """The main job end to end: pipeline → endpoint → shifted traffic → drift monitor → asset event → retrain run
     (created by the scheduler from the event, read back through the REST API); a rerun reuses Airflow and the
@@ -106,6 +159,7 @@ def test_demo_runs_the_pipeline_then_drift_starts_a_retrain(tmp_path: Path):
         # Only the demo's own pipeline run and the retrain: no scheduled run was queued by unpausing.
         assert len(pipelines) == 2, pipelines
         client.set_run_state("llmops_local", retraining[0]["dag_run_id"], "failed")  # not needed further here
+        _causal_lm_through_the_rest_api(client, tmp_path / ".airflow" / "logs")
 
         again = _demo(tmp_path, port, "drift")
         assert again.returncode == 0, again.stdout + again.stderr
@@ -116,4 +170,5 @@ def test_demo_runs_the_pipeline_then_drift_starts_a_retrain(tmp_path: Path):
         stopped = _demo(tmp_path, port, "stop")
     assert "stopped airflow standalone" in stopped.stdout and "stopped mlflow server" in stopped.stdout
     assert "stopped endpoint chatterbot-topics" in stopped.stdout
+    assert "stopped endpoint chatterbot-dialog" in stopped.stdout
     assert not (tmp_path / ".airflow" / "standalone.pid").exists()

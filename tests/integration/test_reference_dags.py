@@ -78,6 +78,19 @@ def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db, own_mlflow, monkey
 
     prepared = run.get_task_instance("prepare").xcom_pull(task_ids="prepare")
     assert sum(prepared["rows"].values()) > 1000 and prepared["removed"]["exact_duplicate"] > 0
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:  # the classifier's data, through the DAG's dataset alias, on its own Asset
+        published = session.execute(
+            select(AssetModel.uri, AssetEvent.extra)
+            .join(AssetEvent, AssetEvent.asset_id == AssetModel.id)
+            .where(AssetEvent.source_run_id == run.run_id, AssetModel.uri.like("x-llmops://datasets/%"))
+        ).all()
+    assert [(uri, extra["task"]) for uri, extra in published] == [
+        ("x-llmops://datasets/chatterbot-topics", "classification")
+    ], published
     validated = run.get_task_instance("validate").xcom_pull(task_ids="validate")
     summary = validated["summary"]
     assert summary["success"] and summary["token_count_source"] == "n_tokens"
@@ -113,49 +126,6 @@ def test_local_dag_runs_and_writes_a_plan_per_run(airflow_db, own_mlflow, monkey
         assert answer.json()["results"][0]["label"] in manifest["splits"]["train"]["labels"]
     finally:
         endpoints.stop_endpoint("chatterbot-topics")
-
-
-def test_local_dag_runs_the_causal_lm_task_end_to_end(airflow_db, own_mlflow, monkeypatch):
-    """The ``task`` Param's other value: a dialog generator goes through every stage to its own registered model and
-    endpoint (it is not judged against the classifier's champion, nor canaried next to it)."""
-    from dags_under_test import load_dag
-
-    from airflow_llmops.platforms import get_platform
-
-    monkeypatch.setenv("AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI", own_mlflow.url)
-    dag = load_dag("llmops_local")
-    conf = {
-        "task": "causal_lm",
-        "max_steps": 10,
-        "rollout_strategy": "all_at_once",
-        "max_quality_drop": 100.0,  # the wiring; quality gates have their own tests
-    }
-    run = dag.test(run_conf=conf)
-    states = {t.task_id: t.state for t in run.get_task_instances()}
-    assert run.state == "success", states
-    evaluated = run.get_task_instance("evaluate").xcom_pull(task_ids="evaluate")
-    assert evaluated["passed"] and evaluated["champion"] is None, evaluated  # the generator's own first version
-    registered = run.get_task_instance("register").xcom_pull(task_ids="register")
-    assert registered["uri"].startswith("models:/chatterbot-dialog-generator/"), registered
-    deployed = run.get_task_instance("deploy").xcom_pull(task_ids="deploy")
-    rolled = run.get_task_instance("rollout").xcom_pull(task_ids="rollout")
-    assert deployed["handle"]["endpoint_name"] == "chatterbot-dialog" and rolled["state"] == "succeeded", rolled
-    assert rolled["promoted"]["version"] == registered["version"]
-    from airflow.models.asset import AssetEvent, AssetModel
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:  # the promotion is an event on the generator's champion Asset (an alias)
-        uris = session.scalars(select(AssetModel.uri).join(AssetEvent, AssetEvent.asset_id == AssetModel.id)).all()
-    assert "x-llmops://models/chatterbot-dialog-generator/champion" in uris, uris
-    endpoints = get_platform("local", endpoints_root=deployed["platform_kwargs"]["endpoints_root"])
-    try:
-        import httpx
-
-        answer = httpx.post(f"{deployed['url']}/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=60)
-        assert answer.status_code == 200 and answer.json()["model"] == deployed["variant"], answer.text
-    finally:
-        endpoints.stop_endpoint("chatterbot-dialog")
 
 
 def test_bad_params_fail_the_plan_task_with_the_field_named(airflow_db, capfd):
