@@ -14,6 +14,19 @@ from conftest import require_module
 TOPICS = "greetings,humor,food"
 
 
+def _conf(**overrides: Any) -> dict[str, Any]:
+    """A quick run of the chat DAG: a few training steps, a few evaluated conversations, no bake time."""
+    return {
+        "dataset_source": f"chatterbot://english?topics={TOPICS}",
+        "max_steps": 8,
+        "generation_rows": 4,
+        "max_new_tokens": 8,
+        "bake_seconds": 0,
+        "max_quality_drop": 1000.0,  # the wiring; quality gates have their own tests
+        **overrides,
+    }
+
+
 def test_chat_dag_params_offer_only_the_chat_task() -> None:
     from airflow.sdk.exceptions import ParamValidationError
     from dags_under_test import load_dag
@@ -37,16 +50,7 @@ def test_chat_pipeline_runs_end_to_end_and_serves_the_openai_chat_api(
 
     monkeypatch.setenv("AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI", own_mlflow.url)
     dag = load_dag("llmops_chat")
-    conf = {
-        "dataset_source": f"chatterbot://english?topics={TOPICS}",
-        "max_steps": 8,
-        "generation_rows": 4,
-        "max_new_tokens": 8,
-        "bake_seconds": 0,
-        "canary_steps": [50, 100],
-        "max_quality_drop": 1000.0,  # the wiring; quality gates have their own tests
-    }
-    run = dag.test(run_conf=conf)
+    run = dag.test(run_conf=_conf(canary_steps=[50, 100]))
     states = {t.task_id: t.state for t in run.get_task_instances()}
     assert run.state == "success", states
 
@@ -105,16 +109,10 @@ def test_chat_pipeline_serves_an_onnx_int8_chat_model(
 
     monkeypatch.setenv("AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI", own_mlflow.url)
     dag = load_dag("llmops_chat")
-    conf = {
-        "dataset_source": f"chatterbot://english?topics={TOPICS}",
-        "max_steps": 8,
-        "generation_rows": 4,
-        "max_new_tokens": 8,
-        "bake_seconds": 0,
-        "canary_steps": [100],
-        "quantization_methods": ["onnx_dynamic_int8"],
-        "max_quality_drop": 1000.0,  # the wiring; quality gates have their own tests
-    }
+    # The second run of the module: the first one's model is the champion. gate_metric=rouge_l (another value the
+    # Param offers) with room to be worse than it: this checks the ONNX wiring, the gates have their own tests.
+    conf = _conf(canary_steps=[100], quantization_methods=["onnx_dynamic_int8"], gate_metric="rouge_l")
+    conf["min_improvement"] = -1000.0
     run = dag.test(run_conf=conf)
     states = {t.task_id: t.state for t in run.get_task_instances()}
     assert run.state == "success", states
@@ -122,6 +120,7 @@ def test_chat_pipeline_serves_an_onnx_int8_chat_model(
     assert quantized["chosen_method"] == "onnx_dynamic_int8", quantized
     evaluated = run.get_task_instance("evaluate").xcom_pull(task_ids="evaluate")
     assert evaluated["passed"] and evaluated["model_uri"] == quantized["chosen_model_uri"], evaluated
+    assert evaluated["metric"] == "rouge_l" and evaluated["champion"] is not None, evaluated  # judged on ROUGE-L
     challenger = evaluated["challenger"]
     assert challenger["perplexity"] > 1 and {"rouge_l", "bleu", "chrf"} <= set(challenger), evaluated
     deployed = run.get_task_instance("deploy").xcom_pull(task_ids="deploy")
