@@ -197,11 +197,20 @@ def measure_many(
 def decode_speed(predictors: Sequence[Predictor], texts: Sequence[str]) -> list[float]:
     """Greedy tokens/s of each causal LM at batch 1: exactly :data:`DECODE_TOKENS` new tokens (no stop token ends a
     generation early, so every method does the same work) after a prompt of the first
-    :data:`DECODE_PROMPT_TOKENS` tokens of an evaluation text; interleaved like the latencies, after one warm-up."""
+    :data:`DECODE_PROMPT_TOKENS` tokens of an evaluation text (both cut to fit a small position table);
+    interleaved like the latencies, after one warm-up."""
+    from airflow_llmops.ml.predict import positions
+
     tokenizer = predictors[0].tokenizer  # type: ignore[attr-defined]
+    # Prompt and new tokens must fit the position table (the offline tiny GPT-2 has max_seq_length positions).
+    table = positions(getattr(predictors[0].model, "config", None))  # type: ignore[attr-defined]
+    new_tokens, prompt_tokens = DECODE_TOKENS, DECODE_PROMPT_TOKENS
+    if table is not None:
+        new_tokens = max(1, min(DECODE_TOKENS, table // 2))
+        prompt_tokens = max(1, min(DECODE_PROMPT_TOKENS, table - new_tokens))
     prompts = []
     for text in list(texts)[:DECODE_PROMPTS]:
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :DECODE_PROMPT_TOKENS]
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :prompt_tokens]
         prompts.append(ids if ids.shape[1] else torch.tensor([[tokenizer.eos_token_id or 0]]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     spent = [0.0 for _ in predictors]
@@ -215,15 +224,15 @@ def decode_speed(predictors: Sequence[Predictor], texts: Sequence[str]) -> list[
                 model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
-                    max_new_tokens=DECODE_TOKENS,
-                    min_new_tokens=DECODE_TOKENS,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
                     do_sample=False,
                     pad_token_id=pad,
                     eos_token_id=None,
                 )
             if index > 0:  # the first round warms up
                 spent[k] += time.perf_counter() - started
-    return [DECODE_TOKENS * len(prompts) / t if t > 0 else 0.0 for t in spent]
+    return [new_tokens * len(prompts) / t if t > 0 else 0.0 for t in spent]
 
 
 def measure(
