@@ -27,6 +27,28 @@ def _conf(**overrides: Any) -> dict[str, Any]:
     }
 
 
+def _chat_exchange(openai: Any, deployed: dict[str, Any]) -> None:
+    """The openai client against the deployed endpoint: a reply, and the same reply streamed in pieces; then the
+    endpoint is stopped."""
+    from airflow_llmops.platforms import get_platform
+
+    endpoints = get_platform("local", endpoints_root=deployed["platform_kwargs"]["endpoints_root"])
+    try:
+        client = openai.OpenAI(base_url=f"{deployed['url']}/v1", api_key="unused", timeout=60, max_retries=0)
+        messages = [{"role": "user", "content": "Hello, how are you?"}]
+        # Seeded sampling (a few steps of training often make the end of turn the likeliest first token): the same
+        # seed gives the same reply, whole or streamed.
+        sampling: dict[str, Any] = {"max_tokens": 8, "temperature": 0.8, "seed": 7}
+        reply = client.chat.completions.create(model=deployed["variant"], messages=messages, **sampling)
+        text = reply.choices[0].message.content
+        assert reply.model == deployed["variant"] and text, reply
+        stream = client.chat.completions.create(model=deployed["variant"], messages=messages, stream=True, **sampling)
+        chunks = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+        assert "".join(chunks) == text, (chunks, text)
+    finally:
+        endpoints.stop_endpoint("chatterbot-chat")
+
+
 def test_chat_dag_params_offer_only_the_chat_task() -> None:
     from airflow.sdk.exceptions import ParamValidationError
     from dags_under_test import load_dag
@@ -45,8 +67,6 @@ def test_chat_pipeline_runs_end_to_end_and_serves_the_openai_chat_api(
 ) -> None:
     openai = require_module("openai")
     from dags_under_test import load_dag
-
-    from airflow_llmops.platforms import get_platform
 
     monkeypatch.setenv("AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI", own_mlflow.url)
     dag = load_dag("llmops_chat")
@@ -80,21 +100,7 @@ def test_chat_pipeline_runs_end_to_end_and_serves_the_openai_chat_api(
     assert "x-llmops://models/chatterbot-chat-assistant/champion" in uris, uris
     assert "x-llmops://datasets/chatterbot-conversations" in uris, uris
 
-    endpoints = get_platform("local", endpoints_root=deployed["platform_kwargs"]["endpoints_root"])
-    try:
-        client = openai.OpenAI(base_url=f"{deployed['url']}/v1", api_key="unused", timeout=60, max_retries=0)
-        messages = [{"role": "user", "content": "Hello, how are you?"}]
-        # Seeded sampling (a few steps of training often make the end of turn the likeliest first token): the same
-        # seed gives the same reply, whole or streamed.
-        sampling: dict[str, Any] = {"max_tokens": 8, "temperature": 0.8, "seed": 7}
-        reply = client.chat.completions.create(model=deployed["variant"], messages=messages, **sampling)
-        text = reply.choices[0].message.content
-        assert reply.model == deployed["variant"] and text, reply
-        stream = client.chat.completions.create(model=deployed["variant"], messages=messages, stream=True, **sampling)
-        chunks = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
-        assert len(chunks) > 1 and "".join(chunks) == text, (chunks, text)
-    finally:
-        endpoints.stop_endpoint("chatterbot-chat")
+    _chat_exchange(openai, deployed)
 
 
 def test_chat_pipeline_serves_an_onnx_int8_chat_model(
@@ -104,8 +110,6 @@ def test_chat_pipeline_serves_an_onnx_int8_chat_model(
     the openai client gets the same greedy reply whole and streamed."""
     openai = require_module("openai")
     from dags_under_test import load_dag
-
-    from airflow_llmops.platforms import get_platform
 
     monkeypatch.setenv("AIRFLOW__LLMOPS__MLFLOW_TRACKING_URI", own_mlflow.url)
     dag = load_dag("llmops_chat")
@@ -127,19 +131,7 @@ def test_chat_pipeline_serves_an_onnx_int8_chat_model(
     rolled = run.get_task_instance("rollout").xcom_pull(task_ids="rollout")
     assert rolled["state"] == "succeeded", rolled
 
-    endpoints = get_platform("local", endpoints_root=deployed["platform_kwargs"]["endpoints_root"])
-    try:
-        client = openai.OpenAI(base_url=f"{deployed['url']}/v1", api_key="unused", timeout=60, max_retries=0)
-        messages = [{"role": "user", "content": "Hello, how are you?"}]
-        sampling: dict[str, Any] = {"max_tokens": 8, "temperature": 0.8, "seed": 7}
-        reply = client.chat.completions.create(model=deployed["variant"], messages=messages, **sampling)
-        text = reply.choices[0].message.content
-        assert reply.model == deployed["variant"] and text, reply
-        stream = client.chat.completions.create(model=deployed["variant"], messages=messages, stream=True, **sampling)
-        chunks = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
-        assert "".join(chunks) == text, (chunks, text)
-    finally:
-        endpoints.stop_endpoint("chatterbot-chat")
+    _chat_exchange(openai, deployed)
 
 
 def test_quantization_measures_conversations_as_chat_training_renders_them(tmp_path: Path) -> None:
