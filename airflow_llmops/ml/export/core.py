@@ -380,20 +380,20 @@ def _gguf(
 
 
 def _torch_perplexity(model: torch.nn.Module, ids: Sequence[Sequence[int]]) -> float:
-    import math
+    """The fp32 model's perplexity on the token sequences llama.cpp's graph is scored on (the predictor layer's
+    NLL and overflow rule)."""
+    from airflow_llmops.ml import predict as P
 
     nll, count = 0.0, 0
-    with torch.inference_mode():
-        for seq in ids:
-            if len(seq) < 2:
-                continue
-            tensor = torch.tensor([list(seq)])
-            logits = model(tensor).logits[0, :-1].double()
-            nll += float(torch.nn.functional.cross_entropy(logits, tensor[0, 1:], reduction="sum"))
-            count += len(seq) - 1
+    for seq in ids:
+        if len(seq) < 2:
+            continue
+        tensor = torch.tensor([list(seq)])
+        seq_nll, seq_count = P.nll_sum(model, tensor, torch.ones_like(tensor))
+        nll, count = nll + seq_nll, count + seq_count
     if count == 0:
         raise QuantizationInputError("perplexity needs texts of at least 2 tokens; every text was shorter")
-    return math.exp(nll / count)
+    return P.perplexity(nll / count)
 
 
 def _version(name: str) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -213,25 +212,6 @@ class OnnxCausalPredictor(Predictor):
         batch = self.encode(texts, return_tensors="np")
         ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
         return self._run(ids, mask, self._empty_cache(ids.shape[0]))[0]
-
-    def perplexity(self, texts: Sequence[str], batch_size: int = 16) -> float:
-        total_nll, total_tokens = 0.0, 0
-        for start in range(0, len(texts), batch_size):
-            batch = self.encode(texts[start : start + batch_size], return_tensors="np")
-            ids, mask = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
-            logits = self._run(ids, mask, self._empty_cache(ids.shape[0]))[0][:, :-1].astype(np.float64)
-            targets, keep = ids[:, 1:], mask[:, 1:].astype(bool)
-            shifted = logits - logits.max(axis=-1, keepdims=True)
-            log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-            nll = -np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-            total_nll += float(nll[keep].sum())
-            total_tokens += int(keep.sum())
-        if total_tokens == 0:
-            raise QuantizationInputError("perplexity needs texts of at least 2 tokens; every text was shorter")
-        try:
-            return math.exp(total_nll / total_tokens)
-        except OverflowError:  # as the torch predictors report it
-            return math.inf
 
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int, *, stop_at_eos: bool = True) -> list[int]:
         """Greedy decoding at batch 1: the prompt in one step, then one token per step with the KV cache."""

@@ -87,9 +87,20 @@ class Predictor(ABC):
         return P.label_scores(self.logits(texts), self.labels)
 
     def perplexity(self, texts: Sequence[str], batch_size: int = 16) -> float:
-        """Token-level perplexity of ``texts`` (causal LM only, torch predictors; see
-        :func:`airflow_llmops.ml.predict.perplexity`: ``inf`` where it overflows)."""
-        raise UnsupportedTaskError(f"perplexity is measured for torch causal LMs, not {type(self).__name__}")
+        """Token-level perplexity of ``texts`` (causal LMs whose predictor has a ``model`` with the transformers
+        causal-LM interface: torch, or an ONNX graph behind it), by the predictor layer's
+        :func:`airflow_llmops.ml.predict.text_nll` (``inf`` where it overflows)."""
+        model = getattr(self, "model", None)
+        if model is None:
+            raise UnsupportedTaskError(f"perplexity is measured for torch causal LMs, not {type(self).__name__}")
+        if self.task != "causal_lm":
+            raise UnsupportedTaskError(f"perplexity is measured for causal LMs; this model is a {self.task}")
+        total_nll, total_tokens = P.text_nll(
+            model, self.tokenizer, texts, max_length=self.max_length, batch_size=batch_size
+        )
+        if total_tokens == 0:
+            raise QuantizationInputError("perplexity needs texts of at least 2 tokens; every text was shorter")
+        return P.perplexity(total_nll / total_tokens)
 
 
 class TorchPredictor(Predictor):
@@ -107,16 +118,6 @@ class TorchPredictor(Predictor):
         with torch.inference_mode():
             result: np.ndarray = self.model(**batch).logits.float().cpu().numpy()
         return result
-
-    def perplexity(self, texts: Sequence[str], batch_size: int = 16) -> float:
-        if self.task != "causal_lm":
-            raise UnsupportedTaskError(f"perplexity is measured for causal LMs; this model is a {self.task}")
-        total_nll, total_tokens = P.text_nll(
-            self.model, self.tokenizer, texts, max_length=self.max_length, batch_size=batch_size
-        )
-        if total_tokens == 0:
-            raise QuantizationInputError("perplexity needs texts of at least 2 tokens; every text was shorter")
-        return P.perplexity(total_nll / total_tokens)
 
 
 class OnnxPredictor(Predictor):
