@@ -343,20 +343,19 @@ class RolloutOperator(BaseOperator):
         return self._result(context, rollout, record)
 
     def _fail(self, walk: _Walk, record: RolloutRecord, reason: str) -> NoReturn:
-        from airflow_llmops.platforms.rollout import save_record
+        from airflow_llmops.platforms.rollout import roll_back, save_record
 
         platform, handle, plan = walk.platform, walk.handle, walk.plan
         if plan.auto_rollback:
-            platform.rollback(handle, failed_variant=record.variant, previous=record.previous)
-            record.state = "rolled_back"
-            record.message = f"{reason}; rolled back: {record.variant} removed, {record.previous} serving as before"
+            message = f"{reason}; rolled back: {record.variant} removed, {record.previous} serving as before"
+            roll_back(platform, handle, record, message)
         else:
             record.state = "failed"
             weights = platform.get_traffic(handle)
             record.message = f"{reason}; auto_rollback=False: left in place with traffic {weights}"
             self.log.warning("The plan says auto_rollback=False: the endpoint keeps traffic %s", weights)
-        record.step_started_at = None
-        save_record(platform, handle.endpoint_name, record)
+            record.step_started_at = None
+            save_record(platform, handle.endpoint_name, record)
         self.log.error("Rollout %s: %s", record.state, record.message)
         raise AirflowFailException(f"{self.task_id}: rollout {record.state}: {record.message}")
 

@@ -181,6 +181,17 @@ def save_record(platform: DeploymentPlatform, endpoint_name: str, record: Rollou
     platform.put_rollout_record(endpoint_name, record)
 
 
+def roll_back(platform: DeploymentPlatform, handle: EndpointHandle, record: RolloutRecord, message: str) -> None:
+    """End ``record``'s rollout in the weights from before it (the adapter's ``rollback``: the new variant removed,
+    ``record.previous`` serving) and record it as ``rolled_back`` with ``message`` — what a failed step, a killed
+    walk and the LLMOps page's action all do."""
+    platform.rollback(handle, failed_variant=record.variant, previous=record.previous)
+    record.state = "rolled_back"
+    record.step_started_at = None
+    record.message = message
+    save_record(platform, handle.endpoint_name, record)
+
+
 @dataclass(frozen=True)
 class StepCheck:
     """Where one step stands: ``passed`` (baked and within the SLO), ``breach``, ``timeout`` (too little traffic

@@ -57,6 +57,7 @@ def rollback(target: EndpointTarget, *, who: str, reason: str) -> dict[str, Any]
     """Roll back the endpoint's last rollout: in progress, or failed and left in place (``auto_rollback=False``).
     Returns the weights before and after."""
     from airflow_llmops.platforms import EndpointHandle, deployment_platform
+    from airflow_llmops.platforms.rollout import roll_back
 
     platform = deployment_platform(target.platform, **target.platform_kwargs)
     record = platform.get_rollout_record(target.name)
@@ -76,12 +77,11 @@ def rollback(target: EndpointTarget, *, who: str, reason: str) -> dict[str, Any]
         server = read_json_object(ui_data.endpoints_root() / target.name / "server.json") or {}
         handle = EndpointHandle(target.platform, target.name, url=server.get("url"))
     before = platform.get_traffic(handle)
-    platform.rollback(handle, failed_variant=record.variant, previous=record.previous)
+    message = (
+        f"rolled back from the LLMOps page by {who}: {reason}; {record.variant} removed, {record.previous} serving"
+    )
+    roll_back(platform, handle, record, message)
     after = platform.get_traffic(handle)
-    record.state = "rolled_back"
-    record.step_started_at = None
-    record.message = f"rolled back from the LLMOps page by {who}: {reason}; {record.variant} removed, {after} serving"
-    platform.put_rollout_record(target.name, record)
     return {"variant": record.variant, "before": before, "after": after, "rollout_id": record.rollout_id}
 
 
